@@ -1,0 +1,85 @@
+"""Recipe loading: YAML via OmegaConf, `base:` inheritance, `${...}` interpolation, key=value overrides.
+
+Returns a validated `Recipe`; all checks live in `schema.py`. No torch import here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from llmtune.config.schema import Recipe, check, parse
+from llmtune.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _find(ref: str, relative_to: Path | None) -> Path:
+    """A base recipe is looked up next to the child, then in the shipped recipes/ directory."""
+    candidates = [Path(ref).expanduser()]
+    if relative_to is not None and not Path(ref).is_absolute():
+        candidates.insert(0, relative_to / ref)
+    candidates.append(RECIPES_DIR / ref)
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise ConfigError(f"recipe file not found: {ref}")
+
+
+def _read(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    if path in chain:
+        raise ConfigError("recipe inheritance loops: " + " -> ".join(p.name for p in (*chain, path)))
+    try:
+        cfg = OmegaConf.load(path)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError carries line/column in its message
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    base = cfg.pop("base", None)
+    if base is None:
+        return cfg
+    bases = [base] if isinstance(base, str) else list(base)
+    merged = OmegaConf.create()
+    for b in bases:
+        merged = OmegaConf.merge(merged, _read(_find(str(b), path.parent), (*chain, path)))
+    return OmegaConf.merge(merged, cfg)
+
+
+def load_dict(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The merged, interpolated recipe as a plain dict (before schema validation)."""
+    path = _find(str(path), None)
+    cfg = _read(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. training.learning_rate=1e-5")
+    try:
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
+    assert isinstance(data, dict)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, semantic: bool = True) -> Recipe:
+    """Load, merge and validate a recipe. Raises ConfigError with every problem found."""
+    data = load_dict(path, overrides)
+    recipe = parse(data, source=str(path))
+    return check(recipe, source=str(path)) if semantic else recipe
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe", semantic: bool = True) -> Recipe:
+    """Validate an in-memory recipe (web UI, pipelines)."""
+    recipe = parse(data, source=source)
+    return check(recipe, source=source) if semantic else recipe
+
+
+def dump(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (written to every run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.create(recipe.to_dict()))

@@ -1,0 +1,1 @@
+"""Model loading (base, LoRA, QLoRA, full) and heads used by the stages and the server."""

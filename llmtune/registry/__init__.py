@@ -1,0 +1,1 @@
+"""Model registry (models.yaml) and the built-in tiny models."""

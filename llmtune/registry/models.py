@@ -1,0 +1,149 @@
+"""Model registry lookup: registry names, run directories, local model directories and hub ids.
+
+The registry itself is data (`models.yaml`). Resolution never imports torch and never builds a
+model: tiny models are only materialised when `ModelSpec.location()` is called by the loader.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmtune.errors import ConfigError, hint
+
+REGISTRY_FILE = Path(__file__).with_name("models.yaml")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet",
+                 "albert", "modernbert"}
+# Written next to every model llmtune saves, so run outputs reload with their kind and template.
+META_FILE = "llmtune.json"
+
+
+@dataclass
+class ModelSpec:
+    """What llmtune needs to know about a model before loading it."""
+
+    name: str
+    kind: str | None  # causal | seq2seq | encoder; None: decided from the config at load time
+    template: str
+    lora_targets: list[str] | str = "all-linear"
+    context_length: int | None = None
+    dtype: str = "float32"
+    hub_id: str | None = None
+    path: str | None = None  # local directory (or the run's model/ directory)
+    tiny: bool = False
+    adapter: str | None = None  # a LoRA adapter directory on top of `base`
+    base: ModelSpec | None = None
+    params: float | None = None
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def location(self) -> str:
+        """A path or hub id that `from_pretrained` accepts (builds a tiny model on first use)."""
+        if self.tiny:
+            from llmtune.registry.tiny import materialize
+
+            return str(materialize(self.name))
+        return self.path or self.hub_id or self.name
+
+
+@functools.lru_cache(maxsize=1)
+def _registry() -> dict[str, Any]:
+    with REGISTRY_FILE.open() as fh:
+        return yaml.safe_load(fh)
+
+
+def registry_models() -> dict[str, dict[str, Any]]:
+    return dict(_registry()["models"])
+
+
+def templates() -> dict[str, dict[str, Any]]:
+    return dict(_registry()["templates"])
+
+
+def _package_dir(rel: str) -> str | None:
+    pkg, _, sub = rel.partition("/")
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+
+
+def _from_entry(name: str, entry: dict[str, Any]) -> ModelSpec:
+    path = None
+    if entry.get("local_package"):
+        path = _package_dir(entry["local_package"])
+    return ModelSpec(
+        name=name, kind=entry["kind"], template=entry["template"], lora_targets=entry.get("lora_targets", "all-linear"),
+        context_length=entry.get("context_length"), dtype=entry.get("dtype", "float32"), hub_id=entry.get("hub_id"),
+        path=path, tiny=bool(entry.get("tiny")), params=entry.get("params"), description=entry.get("description", ""),
+    )
+
+
+def detect_kind(config: dict[str, Any]) -> str:
+    """Architecture kind from a transformers config.json."""
+    if config.get("is_encoder_decoder"):
+        return "seq2seq"
+    archs = config.get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal"
+    if config.get("model_type") in ENCODER_TYPES:
+        return "encoder"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "encoder" if config.get("model_type") in ENCODER_TYPES else "causal"
+    return "causal"
+
+
+def _from_directory(name: str, path: Path, template: str | None) -> ModelSpec:
+    if (path / "run.json").exists() and (path / "model").is_dir():
+        return _from_directory(name, path / "model", template)
+    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
+    if (path / "adapter_config.json").exists():
+        adapter_cfg = json.loads((path / "adapter_config.json").read_text())
+        base_ref = meta.get("base") or adapter_cfg.get("base_model_name_or_path")
+        if not base_ref:
+            raise ConfigError(f"{path}: LoRA adapter without a base model reference")
+        base = resolve_model(base_ref, template=template)
+        return ModelSpec(name=name, kind=meta.get("kind") or base.kind, template=template or meta.get("template")
+                         or base.template, lora_targets=base.lora_targets, context_length=base.context_length,
+                         dtype=base.dtype, path=str(path), adapter=str(path), base=base, extra=meta)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"{path}: not a model directory (no config.json or adapter_config.json)")
+    config = json.loads((path / "config.json").read_text())
+    kind = meta.get("kind") or detect_kind(config)
+    default_template = "flan" if kind == "seq2seq" else "hh" if kind == "encoder" else "plain"
+    return ModelSpec(name=name, kind=kind, template=template or meta.get("template") or default_template,
+                     context_length=config.get("max_position_embeddings") or config.get("n_positions"),
+                     path=str(path), extra=meta)
+
+
+def resolve_model(name: str, template: str | None = None) -> ModelSpec:
+    """Registry name → spec; else a local directory (run dir, adapter, model); else a hub id."""
+    if template is not None and template not in templates():
+        raise ConfigError(f"unknown chat template '{template}'" + hint(template, templates()))
+    models = registry_models()
+    if name in models:
+        spec = _from_entry(name, models[name])
+        if template:
+            spec.template = template
+        return spec
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _from_directory(name, path.resolve(), template)
+    if HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        for reg_name, entry in models.items():  # a hub id the registry knows keeps its template
+            if entry.get("hub_id") == name:
+                spec = _from_entry(reg_name, entry)
+                spec.template = template or spec.template
+                return spec
+        return ModelSpec(name=name, kind=None, template=template or "plain", hub_id=name)
+    if name.startswith((".", "/", "~")) or "/" in name:
+        raise ConfigError(f"no such model directory: {name}")
+    raise ConfigError(f"unknown model '{name}'" + hint(name, models))

@@ -1,0 +1,195 @@
+"""Built-in tiny models: real transformers architectures with random weights, built locally.
+
+They let the quickstart, the tests and CI run every stage offline in seconds: no hub
+download, identical weights on every machine (fixed seed), and the small shipped
+byte-level BPE tokenizer (`llmtune/registry/tokenizer/`). `materialize(name)` writes a
+normal `save_pretrained` directory once, so the rest of llmtune treats it like any
+other local checkpoint (Auto* classes load it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_DIR = Path(__file__).with_name("tokenizer")
+MARKER_FILE = "llmtune_tiny.json"
+SEED = 0
+
+# `config` holds the architecture shape; vocab size and special ids come from the tokenizer.
+TINY_MODELS: dict[str, dict[str, Any]] = {
+    "tiny-llama": {
+        "architecture": "LlamaForCausalLM",
+        "model_type": "llama",
+        "task": "causal-lm",
+        "description": "Llama: hidden 64, 2 layers, 4 heads (2 kv), MLP 128",
+        "config": {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 128,
+            "max_position_embeddings": 1024,
+            "tie_word_embeddings": False,
+        },
+    },
+    "tiny-gptj": {
+        "architecture": "GPTJForCausalLM",
+        "model_type": "gptj",
+        "task": "causal-lm",
+        "description": "GPT-J: n_embd 64, 2 layers, 4 heads, rotary_dim 8",
+        "config": {
+            "n_embd": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "rotary_dim": 8,
+            "n_positions": 1024,
+            "tie_word_embeddings": False,
+        },
+    },
+    "tiny-t5": {
+        "architecture": "T5ForConditionalGeneration",
+        "model_type": "t5",
+        "task": "seq2seq",
+        "description": "T5 (Flan-style gated-gelu): d_model 64, d_ff 128, 2+2 layers, 4 heads",
+        "config": {
+            "d_model": 64,
+            "d_ff": 128,
+            "d_kv": 16,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "num_heads": 4,
+            "feed_forward_proj": "gated-gelu",
+            # Flan-T5 style (no decoder-output rescaling). transformers 5 still ties T5's
+            # lm_head to the shared embedding whatever this says; 4.x keeps it separate.
+            "tie_word_embeddings": False,
+        },
+    },
+}
+
+
+def is_tiny(name: str) -> bool:
+    """True for the built-in tiny model names (which need no download)."""
+    return name in TINY_MODELS
+
+
+def default_root() -> Path:
+    """Where materialized tiny models live: `$LLMTUNE_HOME/models` or `~/.cache/llmtune/models`."""
+    home = os.environ.get("LLMTUNE_HOME")
+    base = Path(home).expanduser() if home else Path.home() / ".cache" / "llmtune"
+    return base / "models"
+
+
+def _fingerprint(name: str) -> str:
+    """Hash of the spec and the shipped tokenizer, so a changed definition triggers a rebuild."""
+    h = hashlib.sha256(json.dumps(TINY_MODELS[name], sort_keys=True).encode())
+    h.update(str(SEED).encode())
+    for f in sorted(TOKENIZER_DIR.iterdir()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _is_complete(path: Path, name: str, fingerprint: str) -> bool:
+    """A build is complete iff its marker (written last, before the atomic rename) matches."""
+    try:
+        marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return marker.get("llmtune_tiny") == name and marker.get("fingerprint") == fingerprint
+
+
+def _token_ids() -> tuple[int, dict[str, int]]:
+    """Vocab size and special-token ids of the shipped tokenizer."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    ids = {k: tok.token_to_id(t) for k, t in (("pad", "<pad>"), ("bos", "<s>"), ("eos", "</s>"))}
+    return tok.get_vocab_size(), ids
+
+
+def build_config(name: str) -> Any:
+    """The transformers config object for a tiny model (random-init shape + tokenizer ids)."""
+    from transformers import AutoConfig
+
+    spec = TINY_MODELS[name]
+    vocab_size, ids = _token_ids()
+    kwargs: dict[str, Any] = dict(spec["config"])
+    kwargs.update(
+        vocab_size=vocab_size,
+        pad_token_id=ids["pad"],
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        architectures=[spec["architecture"]],
+    )
+    if spec["task"] == "seq2seq":
+        kwargs["decoder_start_token_id"] = ids["pad"]
+    return AutoConfig.for_model(spec["model_type"], **kwargs)
+
+
+def _build(name: str, dest: Path) -> None:
+    """Create the model with a fixed seed and save model + tokenizer into `dest`."""
+    import torch
+    import transformers
+
+    spec = TINY_MODELS[name]
+    config = build_config(name)
+    model_cls = getattr(transformers, spec["architecture"])
+    torch.manual_seed(SEED)
+    model = model_cls(config).to(torch.float32)
+    model.save_pretrained(str(dest))
+    for f in TOKENIZER_DIR.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, dest / f.name)
+
+
+def materialize(name: str, root: Path | None = None) -> Path:
+    """Build tiny model `name` under `root / name` once and return that directory.
+
+    Later calls only check the marker (no torch import). The build goes to a temp dir in
+    the same parent and is moved in with `os.replace`, so a crash never leaves a half
+    model behind and two racing processes both end up with one complete copy.
+    """
+    if name not in TINY_MODELS:
+        from llmtune.errors import ConfigError, hint
+
+        raise ConfigError(f"unknown tiny model '{name}'{hint(name, TINY_MODELS)}")
+    root = Path(root).expanduser() if root is not None else default_root()
+    dest = root / name
+    fingerprint = _fingerprint(name)
+    if _is_complete(dest, name, fingerprint):
+        return dest
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache may be shared between users
+        _build(name, tmp)
+        marker = {
+            "llmtune_tiny": name,
+            "fingerprint": fingerprint,
+            "architecture": TINY_MODELS[name]["architecture"],
+        }
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        if dest.exists() and not _is_complete(dest, name, fingerprint):
+            # Stale or partial: move it aside first (os.replace cannot overwrite a non-empty dir).
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
+            try:
+                os.replace(dest, old / name)
+            except FileNotFoundError:
+                pass  # another process moved it already
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            # Lost a race: another process installed its (identical) build first.
+            if not _is_complete(dest, name, fingerprint):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -1,0 +1,194 @@
+"""Plumbing shared by the stages that run on a `transformers.Trainer` (sft, rm, dpo, rs):
+recipe → TrainingArguments, metrics/progress/stop callbacks, resume, final save.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from llmtune.config.schema import Recipe
+from llmtune.registry.models import ModelSpec
+from llmtune.runs.rundir import RunDir, StopFlag
+
+log = logging.getLogger("llmtune")
+
+
+@dataclass
+class Context:
+    """What a stage gets besides its recipe: where to write, whether to resume, the stop flag."""
+
+    run: RunDir
+    resume: bool
+    stop: StopFlag
+
+
+def precision_flags(recipe: Recipe) -> dict[str, bool]:
+    """bf16/fp16 flags for TrainingArguments; CPU always trains in fp32."""
+    p = recipe.training.precision
+    if not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False}
+    if p == "auto":
+        p = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": p == "bf16", "fp16": p == "fp16"}
+
+
+def training_args(recipe: Recipe, ctx: Context, cls: Any, has_eval: bool, **extra: Any) -> Any:
+    """Map the recipe's `training` section onto a TrainingArguments subclass (SFTConfig, ...)."""
+    t = recipe.training
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if t.eval_steps else "epoch"
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(ctx.run.checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        dataloader_num_workers=t.num_workers,
+        report_to=t.report_to or "none",
+        disable_tqdm=not sys.stderr.isatty(),
+        gradient_checkpointing=False,  # enabled on the model by modeling.load when asked
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **precision_flags(recipe),
+    )
+    if recipe.distributed.strategy == "deepspeed":
+        from llmtune.launch.deepspeed import deepspeed_config_for
+
+        kwargs["deepspeed"] = deepspeed_config_for(recipe, ctx.run)
+    if recipe.distributed.strategy == "ddp" and not torch.cuda.is_available():
+        kwargs["ddp_backend"] = recipe.distributed.backend or "gloo"
+    kwargs.update(extra)
+    return cls(**kwargs)
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes every log event to metrics.jsonl and, off a terminal, one clean line per log."""
+
+    def __init__(self, run: RunDir, line_output: bool):
+        self.run = run
+        self.line_output = line_output
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        if not logs or not state.is_world_process_zero:
+            return
+        metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics["epoch"] = round(state.epoch or 0.0, 4)
+        self.run.log_metrics(state.global_step, metrics)
+        if self.line_output:
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if k != "epoch")
+            print(f"step {state.global_step}/{state.max_steps} epoch {metrics['epoch']:.2f} {shown}", flush=True)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class StopCallback(TrainerCallback):
+    """Turns a SIGINT/SIGTERM into "save a checkpoint now and stop" at the next step boundary."""
+
+    def __init__(self, stop: StopFlag):
+        self.stop = stop
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+        if self.stop:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def run_trainer(trainer: Any, ctx: Context) -> dict[str, Any]:
+    """Train with our callbacks, resuming from the last checkpoint when asked."""
+    from transformers.trainer_callback import PrinterCallback
+
+    line_output = not sys.stderr.isatty()
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(MetricsCallback(ctx.run, line_output))
+    trainer.add_callback(StopCallback(ctx.stop))
+    checkpoint = None
+    if ctx.resume:
+        last = ctx.run.last_checkpoint()
+        if last is not None:
+            checkpoint = str(last)
+            step = int(last.name.split("-")[-1])
+            ctx.run.truncate_metrics(step)
+            log.info("resuming from %s (step %d)", last, step)
+        else:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", ctx.run.checkpoints)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    return {"global_step": trainer.state.global_step, "train_loss": _finite(result.training_loss)}
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
+
+
+def finish(trainer: Any, tok: Any, spec: ModelSpec, recipe: Recipe, ctx: Context, head: str,
+           summary: dict[str, Any]) -> dict[str, Any]:
+    """Save the final model (not on interrupt: the checkpoint is the resumable state)."""
+    if ctx.stop:
+        trainer.save_model(str(ctx.run.checkpoints / f"checkpoint-{trainer.state.global_step}"))
+        return summary
+    if trainer.is_world_process_zero():
+        from llmtune.modeling.load import save_model
+
+        model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+        save_model(model, tok, ctx.run.model_dir, spec, recipe, head)
+    return summary
+
+
+def to_dataset(rows: list[dict[str, Any]], encode: Any, desc: str) -> Any:
+    """Tokenise canonical rows once into a datasets.Dataset (what the Trainers take)."""
+    from datasets import Dataset
+
+    encoded = [encode(r) for r in _progress(rows, desc)]
+    return Dataset.from_list(encoded)
+
+
+def _progress(rows: list[Any], desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(rows, desc=desc, disable=not sys.stderr.isatty() or len(rows) < 2000, leave=False)
+
+
+def data_rows(recipe: Recipe, shape: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train rows, eval rows) in the canonical shape the stage needs, mixed and split per recipe."""
+    from llmtune.data.load import load_mixture
+
+    d = recipe.data
+    fields = ("name", "path", "split", "eval_split", "eval_fraction", "num_samples", "weight", "format",
+              "columns", "subset", "options")
+    sources = d.datasets or [d]
+    specs = [{k: getattr(s, k) for k in fields} for s in sources]
+    return load_mixture(specs, shape=shape, seed=recipe.training.seed, extra_registries=d.registry)
+
+
+def relpath(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
