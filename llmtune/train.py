@@ -17,8 +17,14 @@ from typing import Any
 from llmtune.config.load import dump
 from llmtune.config.schema import Recipe
 from llmtune.errors import ConfigError, LLMTuneError
-from llmtune.runs.rundir import (STATUS_DONE, STATUS_FAILED, STATUS_INTERRUPTED, RunDir, is_main_process,
-                                 stop_on_signals)
+from llmtune.runs.rundir import (
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_INTERRUPTED,
+    RunDir,
+    is_main_process,
+    stop_on_signals,
+)
 
 log = logging.getLogger("llmtune")
 

@@ -365,7 +365,6 @@ def check(recipe: Recipe, source: str = "recipe", base_dir: Path | None = None) 
     """Semantic validation that needs registries and the file system. Raises one ConfigError."""
     from llmtune.data.registry import FORMATS, list_entries
     from llmtune.registry.models import resolve_model
-
     from llmtune.stages import MODULES, implemented
 
     errors: list[str] = []
