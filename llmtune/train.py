@@ -37,8 +37,11 @@ def default_run_dir(recipe: Recipe) -> Path:
 def resolve_run_dir(recipe: Recipe, output_dir: str | None, resume: bool) -> Path:
     """Where the run goes; refuses to overwrite a finished run unless resuming it."""
     path = Path(output_dir or recipe.output_dir or default_run_dir(recipe))
-    info = RunDir(path).info()
-    if info and not resume and is_main_process():
+    run = RunDir(path)
+    info = run.info()
+    # A run that failed before saving anything (bad data, OOM at load) may simply be started again.
+    fresh_failure = info.get("status") == STATUS_FAILED and run.last_checkpoint() is None
+    if info and not resume and not fresh_failure and is_main_process():
         raise ConfigError(f"output_dir: {path} already holds a run (status: {info.get('status')}); "
                           "pass --resume to continue it or choose another --output-dir")
     if resume and not info:

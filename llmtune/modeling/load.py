@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +130,16 @@ def load_for_training(recipe: Recipe, head: str | None = None, spec: ModelSpec |
     if mcfg.finetuning == "qlora":
         from transformers import BitsAndBytesConfig
 
-        compute = torch_dtype(mcfg.dtype if mcfg.dtype != "float32" else "auto", spec)
+        # The 4-bit matmuls compute in the training precision when one is chosen, else the model's.
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.training.precision) \
+            or torch_dtype(mcfg.dtype if mcfg.dtype != "float32" else "auto", spec)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute)
         kwargs["dtype"] = compute
+        # Quantised weights cannot be moved after loading: each DDP rank loads onto its own GPU
+        # (without this every rank would quantise onto GPU 0).
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     # Start from an earlier run's adapted weights merged in: they become the new frozen base.
     model = _load_weights(spec, head, kwargs, merge_top=True)
     if head == "classifier" and getattr(model.config, "pad_token_id", None) is None:
@@ -143,8 +149,10 @@ def load_for_training(recipe: Recipe, head: str | None = None, spec: ModelSpec |
             model, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
     if mcfg.finetuning in ("lora", "qlora"):
         targets = mcfg.lora.target_modules or spec.lora_targets
+        # PEFT trains and saves heads named classifier/score; T5's is classification_head.
+        heads = ["classification_head"] if head == "classifier" and hasattr(model, "classification_head") else None
         lcfg = LoraConfig(r=mcfg.lora.r, lora_alpha=mcfg.lora.alpha, lora_dropout=mcfg.lora.dropout,
-                          target_modules=targets, task_type=TASK[head])
+                          target_modules=targets, task_type=TASK[head], modules_to_save=heads)
         try:
             model = get_peft_model(model, lcfg)
         except ValueError as exc:
@@ -183,10 +191,13 @@ def portable_ref(spec: ModelSpec) -> str:
     return str(Path(spec.location()).resolve())
 
 
-def save_model(model: Any, tok: Any, out: Path, spec: ModelSpec, recipe: Recipe, head: str) -> None:
-    """Save weights (or adapter) + tokenizer + llmtune.json so the run reloads anywhere."""
+def save_model(model: Any, tok: Any, out: Path, spec: ModelSpec, recipe: Recipe, head: str,
+               state_dict: dict[str, Any] | None = None) -> None:
+    """Save weights (or adapter) + tokenizer + llmtune.json so the run reloads anywhere.
+
+    state_dict: weights gathered elsewhere (a ZeRO-3 model holds only its shard of each tensor)."""
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(out)
     base = spec.base or spec
     meta = {

@@ -71,7 +71,6 @@ def training_args(recipe: Recipe, ctx: Context, cls: Any, has_eval: bool, **extr
         dataloader_num_workers=t.num_workers,
         report_to=t.report_to or "none",
         disable_tqdm=not sys.stderr.isatty(),
-        gradient_checkpointing=False,  # enabled on the model by modeling.load when asked
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         **precision_flags(recipe),
@@ -81,7 +80,12 @@ def training_args(recipe: Recipe, ctx: Context, cls: Any, has_eval: bool, **extr
 
         kwargs["deepspeed"] = deepspeed_config_for(recipe, ctx.run)
     if recipe.distributed.strategy == "ddp" and not torch.cuda.is_available():
+        # use_cpu makes accelerate set up MULTI_CPU (gloo) from the launcher's env; without it each
+        # process would silently train alone on the whole data set.
         kwargs["ddp_backend"] = recipe.distributed.backend or "gloo"
+        kwargs["use_cpu"] = True
+    elif recipe.distributed.backend:
+        kwargs["ddp_backend"] = recipe.distributed.backend
     kwargs.update(extra)
     return cls(**kwargs)
 
@@ -115,10 +119,22 @@ class StopCallback(TrainerCallback):
         self.stop = stop
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
-        if self.stop:
+        if _any_rank(bool(self.stop), args.device):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def _any_rank(flag: bool, device: Any) -> bool:
+    """True when any process has the flag set. Ranks must stop at the same step: one rank leaving the
+    loop while the others wait in the next gradient all-reduce would hang the run."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def run_trainer(trainer: Any, ctx: Context) -> dict[str, Any]:
@@ -153,11 +169,15 @@ def finish(trainer: Any, tok: Any, spec: ModelSpec, recipe: Recipe, ctx: Context
     if ctx.stop:
         trainer.save_model(str(ctx.run.checkpoints / f"checkpoint-{trainer.state.global_step}"))
         return summary
+    from llmtune.launch.deepspeed import consolidated_state_dict, zero_stage
+
+    # ZeRO-3 shards every weight across ranks: gather them (all ranks take part) into one normal model.
+    state = consolidated_state_dict(trainer, ctx.run.checkpoints / "zero3-final") if zero_stage(trainer) == 3 else None
     if trainer.is_world_process_zero():
         from llmtune.modeling.load import save_model
 
         model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
-        save_model(model, tok, ctx.run.model_dir, spec, recipe, head)
+        save_model(model, tok, ctx.run.model_dir, spec, recipe, head, state_dict=state)
     return summary
 
 

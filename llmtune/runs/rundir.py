@@ -1,0 +1,187 @@
+"""The run directory: the one place a run's outputs go, and what the web UI and `eval` read.
+
+    <run>/recipe.yaml      resolved recipe (what actually ran)
+    <run>/run.json         status (running|completed|interrupted|failed), versions, times, seed, pid
+    <run>/metrics.jsonl    one JSON object per logging step: {"step": N, "loss": ..., ...}
+    <run>/checkpoints/     checkpoint-N/ (resumable)
+    <run>/model/           final model or adapter + tokenizer + llmtune.json
+    <run>/train.log        the log lines
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+STATUS_RUNNING, STATUS_DONE, STATUS_INTERRUPTED, STATUS_FAILED = "running", "completed", "interrupted", "failed"
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes logs, metrics and models in multi-process runs."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("llmtune", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Reads and writes one run directory. Writes are no-ops on non-zero ranks."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.main = is_main_process()
+
+    # paths
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    # run.json
+    def info(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def update(self, **fields: Any) -> None:
+        if not self.main:
+            return
+        info = self.info()
+        info.update(fields)
+        _atomic_write(self.path / "run.json", json.dumps(info, indent=2, default=str) + "\n")
+
+    def start(self, recipe_yaml: str, seed: int, stage: str, resume: bool) -> None:
+        if not self.main:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a restarted failed run must not inherit the old curve
+            self.metrics_file.unlink(missing_ok=True)
+        _atomic_write(self.path / "recipe.yaml", recipe_yaml)
+        info = self.info() if resume else {}
+        self.update(
+            status=STATUS_RUNNING, stage=stage, seed=seed, pid=os.getpid(), host=socket.gethostname(),
+            started=info.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), ended=None,
+            resumed=info.get("resumed", 0) + (1 if resume else 0), versions=_versions(), error=None,
+        )
+
+    def finish(self, status: str, error: str | None = None, **extra: Any) -> None:
+        self.update(status=status, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), error=error, pid=None, **extra)
+
+    # metrics
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}, "time": round(time.time(), 3)}
+        with self.metrics_file.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.exists():
+            return []
+        rows = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+        return rows
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume, drop rows logged after the checkpoint we continue from (they will be redone)."""
+        if not self.main or not self.metrics_file.exists():
+            return
+        keep = [r for r in self.metrics() if r.get("step", 0) <= after_step]
+        _atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def last_checkpoint(self) -> Path | None:
+        if not self.checkpoints.is_dir():
+            return None
+        done = [p for p in self.checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+        return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.main:
+            _atomic_write(self.path / name, json.dumps(obj, indent=2, default=str) + "\n")
+
+    def append_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
+        if not self.main:
+            return
+        with (self.path / name).open("a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, default=str) + "\n")
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 8)
+    return v
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; training loops poll it, save a checkpoint and stop cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.requested
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """First Ctrl-C/SIGTERM asks for a graceful stop (checkpoint, status=interrupted);
+    a second one aborts at once."""
+    flag = StopFlag()
+    previous = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        flag.signal = signal.Signals(signum).name
+        print(f"\n[llmtune] {flag.signal} received: saving a checkpoint and stopping "
+              "(send again to abort without saving)", flush=True)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
