@@ -1,0 +1,1 @@
+"""Run directories: the single place a run writes its recipe, status, metrics, checkpoints and model."""
