@@ -139,3 +139,21 @@ def test_interrupt_saves_checkpoint_and_resume_continues(tmp_path: Path) -> None
     assert len(steps) == len(set(steps))  # no step logged twice across the resume
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and info["resumed"] == 1
+
+
+def test_data_preview_converts_the_whole_hh_sample() -> None:
+    """Acceptance: all 1,800 real HH rows convert and prompt + chosen reproduces the transcript."""
+    import gzip
+
+    from llmtune.data.converters import render_hh
+
+    sample = ROOT.parent / "shared" / "data" / "hh-harmless-sample.jsonl.gz"
+    if not sample.exists():
+        pytest.skip(f"shared HH sample not present at {sample}")
+    proc = run_cli("data", "preview", "hh", "--path", str(sample), "-n", "0", check=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout holds JSON lines only
+    raw = [json.loads(line) for line in gzip.open(sample, "rt")]
+    assert len(rows) == len(raw) == 1800
+    for row, original in zip(rows, raw):
+        assert render_hh(row["prompt"] + row["chosen"]) == original["chosen"]
+        assert render_hh(row["prompt"] + row["rejected"]) == original["rejected"]

@@ -125,6 +125,8 @@ class RewardSection:
     label_index: int = _f(0, doc="classifier: index of the logit used as reward.", ge=0)
     transform: Literal["none", "sigmoid", "softmax", "log_softmax"] = _f(
         "none", doc="classifier: transform applied to logits before taking label_index.")
+    input: Literal["response", "prompt_response"] = _f(
+        "response", doc="classifier: score the response alone (toxicity, sentiment) or prompt+response as a text pair.")
     endpoint: str | None = _f(None, doc="judge: base URL of an OpenAI-compatible server (…/v1).")
     judge_model: str | None = _f(None, doc="judge: model name sent to the endpoint.")
     api_key_env: str | None = _f(None, doc="judge: environment variable holding the endpoint's API key.")
@@ -135,7 +137,7 @@ class RewardSection:
     kwargs: dict[str, Any] = _f(doc="rule: keyword arguments for the function.", factory=dict)
     components: list[RewardSection] | None = _f(None, doc="mix: the weighted reward sources.")
     weight: float = _f(1.0, doc="Weight of this source inside a mix.")
-    normalize: bool = _f(False, doc="Standardise this source's scores per batch (running mean/std) before mixing.")
+    normalize: bool = _f(False, doc="Standardise this source's scores with running mean/std over all calls (in a mix: before weighting).")
     batch_size: int = _f(8, doc="Scoring batch size.", ge=1)
     max_length: int = _f(512, doc="Max tokens of prompt+response for model-based scorers.", ge=8)
 
@@ -149,7 +151,9 @@ class RmSection:
 class DpoSection:
     beta: float = _f(0.1, doc="Strength of the KL constraint to the reference.", gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = _f("sigmoid", doc="DPO loss variant.")
-    label_smoothing: float = _f(0.0, doc="Conservative DPO label smoothing.", ge=0, lt=0.5)
+    label_smoothing: float = _f(
+        0.0, doc="sigmoid loss only: assumed chance that a pair's label is flipped (robust DPO); 0: plain DPO.",
+        ge=0, lt=0.5)
 
 
 @dataclass
@@ -157,8 +161,10 @@ class RsSection:
     iterations: int = _f(1, doc="Rounds of sample → score → keep → fine-tune.", ge=1)
     num_samples: int = _f(4, doc="Responses sampled per prompt.", ge=1)
     threshold: float | None = _f(None, doc="Keep the best response only when its score is at least this.")
-    percentile: float | None = _f(None, doc="Keep only best responses above this score percentile of the round.", ge=0, lt=100)
-    percentile_step: float = _f(0.0, doc="Raise the percentile by this much each round.", ge=0)
+    percentile: float | None = _f(
+        None, doc="Keep the best response only when it reaches this percentile of the round's best-per-prompt "
+        "scores (30: drop the weakest 30% of prompts).", ge=0, lt=100)
+    percentile_step: float = _f(0.0, doc="Raise the percentile by this much each round (capped at 100).", ge=0)
     generation: GenerationSection = _f(doc="Sampling settings.", factory=GenerationSection)
 
 
@@ -361,8 +367,23 @@ def cuda_present() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
 
 
-def check(recipe: Recipe, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
-    """Semantic validation that needs registries and the file system. Raises one ConfigError."""
+def visible_gpus() -> int | None:
+    """How many NVIDIA GPUs this process may use (CUDA_VISIBLE_DEVICES, else /dev/nvidiaN), without
+    torch; None when unknown."""
+    if not cuda_present():
+        return 0
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([d for d in env.split(",") if d.strip()])
+    return len(list(Path("/dev").glob("nvidia[0-9]*"))) or None
+
+
+def check(recipe: Recipe, source: str = "recipe", base_dir: Path | None = None,
+          device_checks: bool = True, pending: frozenset[str] = frozenset()) -> Recipe:
+    """Semantic validation that needs registries and the file system. Raises one ConfigError.
+
+    device_checks=False skips what depends on this machine's GPUs (`llmtune plan` sizes a GPU run
+    from a laptop). `pending` holds run directories an earlier pipeline stage will create."""
     from llmtune.data.registry import FORMATS, list_entries
     from llmtune.registry.models import resolve_model
     from llmtune.stages import MODULES, implemented
@@ -371,13 +392,14 @@ def check(recipe: Recipe, source: str = "recipe", base_dir: Path | None = None) 
     if not implemented(recipe.stage):
         errors.append(f"stage: '{recipe.stage}' is not implemented yet in this version of llmtune (available: "
                       + ", ".join(s for s in MODULES if implemented(s)) + ")")
+    spec = None
     try:
-        spec = resolve_model(recipe.model.name, template=recipe.model.template)
+        if recipe.model.name not in pending:
+            spec = resolve_model(recipe.model.name, template=recipe.model.template)
     except ConfigError as exc:
         errors.append(f"model.name: {exc}")
-        spec = None
 
-    if recipe.model.finetuning == "qlora" and not cuda_present():
+    if device_checks and recipe.model.finetuning == "qlora" and not cuda_present():
         errors.append("model.finetuning: qlora needs a CUDA GPU (bitsandbytes 4-bit); none is visible here. "
                       "Use lora or full on this machine")
 
@@ -410,14 +432,36 @@ def check(recipe: Recipe, source: str = "recipe", base_dir: Path | None = None) 
         errors.append(f"reward: stage '{recipe.stage}' needs a reward source (type: reward_model, classifier, "
                       "judge, rule or mix)")
     if recipe.reward is not None:
-        _check_reward(recipe.reward, "reward", errors)
+        _check_reward(recipe.reward, "reward", errors, pending)
+    if recipe.stage == "rs" and recipe.distributed.strategy != "none":
+        errors.append("distributed.strategy: stage rs samples and fine-tunes in one process; use strategy: none")
+    if recipe.stage == "dpo":
+        if recipe.dpo.label_smoothing and recipe.dpo.loss_type != "sigmoid":
+            errors.append(f"dpo.label_smoothing: only loss_type sigmoid uses it (loss_type is "
+                          f"'{recipe.dpo.loss_type}'); set it to 0")
+        if data.max_prompt_length is not None and data.max_prompt_length >= data.max_length:
+            errors.append(f"data.max_prompt_length: {data.max_prompt_length} leaves no room for the responses; "
+                          f"it must be smaller than data.max_length ({data.max_length})")
     if spec is not None and spec.kind == "encoder" and recipe.stage != "rm":
         errors.append(f"model.name: '{recipe.model.name}' is an encoder-only model; it can only be trained "
                       "with stage: rm")
 
     dist = recipe.distributed
-    if dist.strategy == "deepspeed" and not cuda_present():
+    if device_checks and dist.strategy == "deepspeed" and not cuda_present():
         errors.append("distributed.strategy: deepspeed needs CUDA GPUs; use ddp (gloo) on CPU")
+    gpus = visible_gpus() if device_checks else None
+    if gpus and dist.strategy != "none" and dist.num_processes > gpus:
+        errors.append(f"distributed.num_processes: {dist.num_processes} processes but {gpus} GPU(s) visible on "
+                      "this machine (one process per GPU)")
+    if (dist.offload_optimizer or dist.offload_params) and dist.strategy != "deepspeed":
+        errors.append("distributed.offload_optimizer/offload_params: CPU offload needs strategy: deepspeed")
+    if dist.deepspeed_config and dist.strategy != "deepspeed":
+        errors.append("distributed.deepspeed_config: only used with strategy: deepspeed")
+    if dist.hostfile and (dist.strategy != "deepspeed" or dist.num_nodes < 2):
+        errors.append("distributed.hostfile: only used by multi-node DeepSpeed runs (strategy: deepspeed, "
+                      "num_nodes > 1)")
+    if dist.machine_rank >= dist.num_nodes:
+        errors.append(f"distributed.machine_rank: {dist.machine_rank} must be < num_nodes ({dist.num_nodes})")
     if dist.strategy == "deepspeed" and dist.zero_stage == 3 and recipe.model.finetuning == "qlora":
         errors.append("distributed.zero_stage: QLoRA's 4-bit weights cannot be sharded by ZeRO-3; use zero_stage: 2")
     if dist.offload_params and dist.zero_stage != 3:
@@ -436,22 +480,24 @@ def check(recipe: Recipe, source: str = "recipe", base_dir: Path | None = None) 
     return recipe
 
 
-def _check_reward(r: RewardSection, where: str, errors: list[str]) -> None:
+def _check_reward(r: RewardSection, where: str, errors: list[str], pending: frozenset[str] = frozenset()) -> None:
     need = {"reward_model": "model", "classifier": "model", "rule": "function", "mix": "components"}
     key = need.get(r.type)
     if key and not getattr(r, key):
         errors.append(f"{where}.{key}: required for reward type '{r.type}'")
     if r.type == "judge" and not (r.model or r.endpoint):
         errors.append(f"{where}: a judge needs `model` (local LLM) or `endpoint` (OpenAI-compatible URL)")
+    if r.type == "judge" and r.endpoint and not r.judge_model:
+        errors.append(f"{where}.judge_model: required with `endpoint` (the model name the server serves)")
     if r.type == "rule" and r.function and ":" not in r.function:
         errors.append(f"{where}.function: expected 'package.module:function', got '{r.function}'")
     if r.type == "reward_model" and r.model and r.model.startswith((".", "/", "~")) \
-            and not Path(r.model).expanduser().exists():
+            and not Path(r.model).expanduser().exists() and r.model not in pending:
         errors.append(f"{where}.model: no such directory: {r.model}")
     if len(r.score_range) != 2 or r.score_range[0] >= r.score_range[1]:
         errors.append(f"{where}.score_range: expected [min, max] with min < max")
     for i, c in enumerate(r.components or []):
-        _check_reward(c, f"{where}.components[{i}]", errors)
+        _check_reward(c, f"{where}.components[{i}]", errors, pending)
 
 
 def iter_keys(cls: type = Recipe, prefix: str = "") -> typing.Iterator[tuple[str, str, Any, str]]:

@@ -233,5 +233,6 @@ def preview(
     split: str = "train",
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """First `n` converted rows, for `llmtune data preview`; shape defaults to the natural one."""
-    return load_rows(name, path, split=split, shape=shape, num_samples=n, **kwargs).rows
+    """First `n` converted rows (all when n <= 0), for `llmtune data preview`; shape defaults to the
+    natural one."""
+    return load_rows(name, path, split=split, shape=shape, num_samples=n if n > 0 else None, **kwargs).rows

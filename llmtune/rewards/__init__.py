@@ -1,0 +1,74 @@
+"""Reward sources for rejection sampling and PPO: one interface, five kinds.
+
+    build_reward(recipe.reward).score(prompts, responses) -> list[float]
+
+Kinds (the `reward.type` key): reward_model (an llmtune rm run), classifier (any
+sequence-classification model scoring the response), judge (an LLM asked for a rating, local or
+over an OpenAI-compatible endpoint), rule (a Python function by dotted path), mix (a weighted sum
+of the others). The dispatch table below is the registry; each builder imports its module lazily
+so importing `llmtune.rewards` never pulls in torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+from llmtune.config.schema import RewardSection
+from llmtune.errors import ConfigError
+from llmtune.rewards.base import Normalized, RewardError, RewardSource, reward_stats
+
+__all__ = ["BUILDERS", "RewardError", "RewardSource", "build_reward", "reward_stats"]
+
+
+def _reward_model(section: RewardSection, where: str) -> RewardSource:
+    if importlib.util.find_spec("llmtune.rewards.reward_model") is None:
+        raise ConfigError(f"{where}.type: reward_model scoring is not available in this version of llmtune; "
+                          "use a classifier reward on the rm run's model/ directory")
+    from llmtune.rewards.reward_model import RewardModelScorer
+
+    return RewardModelScorer(section)
+
+
+def _classifier(section: RewardSection, where: str) -> RewardSource:
+    from llmtune.rewards.classifier import ClassifierReward
+
+    return ClassifierReward(section, where)
+
+
+def _judge(section: RewardSection, where: str) -> RewardSource:
+    from llmtune.rewards.judge import JudgeReward
+
+    return JudgeReward(section, where)
+
+
+def _rule(section: RewardSection, where: str) -> RewardSource:
+    from llmtune.rewards.rule import RuleReward
+
+    return RuleReward(section, where)
+
+
+def _mix(section: RewardSection, where: str) -> RewardSource:
+    from llmtune.rewards.mix import MixReward
+
+    return MixReward(section, where)
+
+
+BUILDERS: dict[str, Callable[[RewardSection, str], RewardSource]] = {
+    "reward_model": _reward_model,
+    "classifier": _classifier,
+    "judge": _judge,
+    "rule": _rule,
+    "mix": _mix,
+}
+
+
+def build_reward(section: RewardSection, where: str = "reward") -> RewardSource:
+    """The reward source a recipe's `reward` section describes (`where`: its key path, for errors).
+
+    `normalize: true` wraps the source in running mean/std standardisation, at any level."""
+    builder = BUILDERS.get(section.type)
+    if builder is None:
+        raise ConfigError(f"{where}.type: unknown reward type '{section.type}' (valid: {', '.join(BUILDERS)})")
+    source = builder(section, where)
+    return Normalized(source) if section.normalize else source

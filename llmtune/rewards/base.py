@@ -1,0 +1,85 @@
+"""What every reward source is, plus the helpers they share.
+
+A reward source turns (prompt, response) pairs into one float each. Prompts are canonical message
+lists (`[{"role": "user", "content": ...}, ...]`) so a source can see the whole conversation; the
+response is the generated assistant text. Nothing here imports torch: `llmtune.rewards` stays
+cheap to import for validation and the CLI.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol, runtime_checkable
+
+from llmtune.errors import LLMTuneError
+
+Message = dict[str, str]
+
+
+class RewardError(LLMTuneError):
+    """A reward source failed at scoring time (endpoint down after retries, rule returned garbage)."""
+
+
+@runtime_checkable
+class RewardSource(Protocol):
+    """The one interface the rs and ppo stages use."""
+
+    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
+        """One reward per (prompt, response) pair, in order."""
+        ...
+
+
+def reward_stats(source: Any) -> dict[str, float]:
+    """Counters a source exposes through an optional `stats()` (e.g. judge fallbacks), for logging."""
+    stats = getattr(source, "stats", None)
+    return dict(stats()) if callable(stats) else {}
+
+
+def check_pairs(prompts: list[list[Message]], responses: list[str]) -> None:
+    """Sources index prompts and responses in lockstep; a length mismatch is a caller bug."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+
+
+def prompt_text(messages: list[Message]) -> str:
+    """A conversation as plain 'Role: text' lines, for scorers that read text (judges, classifiers)."""
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+class RunningStats:
+    """Running mean/variance across calls (Welford), so normalisation does not depend on batch size."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+        self._m2 = 0.0
+
+    def update(self, values: list[float]) -> None:
+        for v in values:
+            self.count += 1
+            delta = v - self.mean
+            self.mean += delta / self.count
+            self._m2 += delta * (v - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self._m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+
+class Normalized:
+    """`normalize: true`: standardise a source's scores with running mean/std over every call so far.
+
+    The statistics include the current batch, so the very first batch is already centred."""
+
+    def __init__(self, source: RewardSource):
+        self.source = source
+        self.running = RunningStats()
+
+    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
+        raw = self.source.score(prompts, responses)
+        self.running.update(raw)
+        std = self.running.std if self.running.std > 1e-8 else 1.0
+        return [(r - self.running.mean) / std for r in raw]
+
+    def stats(self) -> dict[str, float]:
+        return {**reward_stats(self.source), "running_mean": self.running.mean, "running_std": self.running.std}

@@ -1,0 +1,41 @@
+"""`type: mix` — a weighted sum of reward sources, e.g. a reward model plus a length penalty.
+
+    reward:
+      type: mix
+      components:
+        - {type: classifier, model: ..., weight: 1.0, normalize: true}
+        - {type: rule, function: "llmtune.rewards.rules:length_penalty", weight: 0.5}
+
+Components with `normalize: true` are standardised with running statistics first (see
+`base.Normalized`), so sources on different scales can be weighted meaningfully.
+"""
+
+from __future__ import annotations
+
+from llmtune.config.schema import RewardSection
+from llmtune.errors import ConfigError
+from llmtune.rewards import build_reward
+from llmtune.rewards.base import Message, check_pairs, reward_stats
+
+
+class MixReward:
+    """sum_i weight_i * score_i over the components."""
+
+    def __init__(self, section: RewardSection, where: str = "reward"):
+        if not section.components:
+            raise ConfigError(f"{where}.components: a mix needs at least one component")
+        self.parts = [(c.weight, c.type, build_reward(c, f"{where}.components[{i}]"))
+                      for i, c in enumerate(section.components)]
+
+    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
+        check_pairs(prompts, responses)
+        total = [0.0] * len(responses)
+        for weight, _, source in self.parts:
+            for i, s in enumerate(source.score(prompts, responses)):
+                total[i] += weight * s
+        return total
+
+    def stats(self) -> dict[str, float]:
+        """Component counters, prefixed `<index>_<type>/` so two judges do not collide."""
+        return {f"{i}_{kind}/{k}": v for i, (_, kind, source) in enumerate(self.parts)
+                for k, v in reward_stats(source).items()}

@@ -1,0 +1,76 @@
+"""`type: rule` — a plain Python function as the reward, named by dotted path.
+
+    reward: {type: rule, function: "llmtune.rewards.rules:target_length", kwargs: {target: 40}}
+
+Calling convention, decided by the function's first parameter name:
+  - `prompts` → batch: `fn(prompts, responses, **kwargs) -> list[float]` (one call per batch);
+  - anything else → per sample: `fn(prompt, response, **kwargs) -> float`.
+`prompt`/`prompts` are canonical message lists, responses plain strings. The module must be
+importable (installed, or on PYTHONPATH / the working directory).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+from llmtune.config.schema import RewardSection
+from llmtune.errors import ConfigError
+from llmtune.rewards.base import Message, RewardError, check_pairs
+
+
+def import_function(path: str, where: str) -> Callable[..., Any]:
+    """`package.module:function` → the callable; any failure is a ConfigError naming `where`."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{where}: expected 'package.module:function', got '{path}'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import module '{module_name}': {exc}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{where}: module '{module_name}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{where}: '{path}' is not callable")
+    return obj
+
+
+class RuleReward:
+    """A user function as a reward source; see the module doc for the calling convention."""
+
+    def __init__(self, section: RewardSection, where: str = "reward"):
+        self.name = section.function or ""
+        self.fn = import_function(self.name, f"{where}.function")
+        self.kwargs = dict(section.kwargs)
+        params = list(inspect.signature(self.fn).parameters)
+        self.batched = bool(params) and params[0] == "prompts"
+        try:
+            inspect.signature(self.fn).bind(None, None, **self.kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{where}.kwargs: {self.name} does not accept {self.kwargs}: {exc}") from None
+
+    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
+        check_pairs(prompts, responses)
+        if self.batched:
+            out = list(self.fn(prompts, responses, **self.kwargs))
+            if len(out) != len(responses):
+                raise RewardError(f"reward function {self.name} returned {len(out)} scores for "
+                                  f"{len(responses)} responses")
+        else:
+            out = [self.fn(p, r, **self.kwargs) for p, r in zip(prompts, responses)]
+        return [self._number(v) for v in out]
+
+    def _number(self, value: Any) -> float:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise RewardError(f"reward function {self.name} returned {value!r}, not a number") from None
+        if not math.isfinite(x):
+            raise RewardError(f"reward function {self.name} returned {x}")
+        return x
