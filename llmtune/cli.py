@@ -17,27 +17,80 @@ from typing import Any
 from llmtune import __version__
 from llmtune.errors import LLMTuneError
 
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["llmtune.launch.cli", "webui.cli", "llmtune.serve.cli", "llmtune.eval.cli"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from llmtune.config.load import load_recipe
+    from llmtune.config.pipeline import is_pipeline
 
+    if is_pipeline(args.recipe):
+        return train_pipeline(args)
     recipe = load_recipe(args.recipe, args.overrides)
     from llmtune.train import resolve_run_dir, train
 
     run_dir = resolve_run_dir(recipe, args.output_dir, args.resume)
+    from llmtune.launch.relaunch import needs_relaunch, relaunch
+
+    if needs_relaunch(recipe):  # more than one process: the same command through accelerate launch
+        return relaunch(recipe, args.recipe, args.overrides, run_dir, args.resume)
     summary = train(recipe, run_dir, resume=args.resume)
-    print(json.dumps(summary, default=str))
+    from llmtune.runs.rundir import is_main_process
+
+    if is_main_process():
+        print(json.dumps(summary, default=str))
     return 0 if summary["status"] == "completed" else 130
+
+
+def train_pipeline(args: argparse.Namespace) -> int:
+    """Run a pipeline's stages in order; completed stages are skipped, interrupted ones resumed."""
+    from llmtune.config.load import dump
+    from llmtune.config.pipeline import load_pipeline, summary_lines
+    from llmtune.launch.relaunch import needs_relaunch, relaunch
+    from llmtune.runs.rundir import RunDir, is_main_process
+    from llmtune.train import train
+
+    stages = load_pipeline(args.recipe, args.overrides, args.output_dir)
+    print("pipeline:\n  " + "\n  ".join(summary_lines(stages)), file=sys.stderr)
+    results: dict[str, Any] = {}
+    code = 0
+    for st in stages:
+        run = RunDir(st.run_dir)
+        info = run.info()
+        if info.get("status") == "completed":
+            print(f"[{st.name}] already completed in {st.run_dir}: skipped", file=sys.stderr)
+            results[st.name] = {"status": "completed", "run_dir": str(st.run_dir), "skipped": True}
+            continue
+        resume = bool(info) and run.last_checkpoint() is not None
+        print(f"[{st.name}] {'resuming' if resume else 'starting'} stage {st.recipe.stage} in {st.run_dir}",
+              file=sys.stderr)
+        if needs_relaunch(st.recipe):
+            st.run_dir.mkdir(parents=True, exist_ok=True)
+            stage_file = st.run_dir.parent / f".{st.name}.recipe.yaml"
+            stage_file.write_text(dump(st.recipe))
+            code = relaunch(st.recipe, str(stage_file), [], st.run_dir, resume)
+            results[st.name] = {"status": "completed" if code == 0 else "failed", "run_dir": str(st.run_dir)}
+        else:
+            results[st.name] = train(st.recipe, st.run_dir, resume=resume)
+            code = 0 if results[st.name]["status"] == "completed" else 130
+        if code != 0:
+            break
+    if is_main_process():
+        print(json.dumps({"status": "completed" if code == 0 else "stopped", "stages": results}, default=str))
+    return code
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from llmtune.config.load import load_recipe
+    from llmtune.config.pipeline import is_pipeline, load_pipeline, summary_lines
 
     failed = 0
     for path in args.recipes:
         try:
+            if is_pipeline(path):
+                stages = load_pipeline(path, args.overrides)
+                print(f"ok: {path} (pipeline)\n  " + "\n  ".join(summary_lines(stages)))
+                continue
             recipe = load_recipe(path, args.overrides)
         except LLMTuneError as exc:
             failed += 1
@@ -146,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Any:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may come after options (`train r.yaml --output-dir d lr=1`).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except LLMTuneError as exc:

@@ -66,6 +66,7 @@ def setup_logging(run: RunDir) -> None:
                for h in root.handlers):
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(fmt)
+        console.setLevel(logging.INFO if run.main else logging.WARNING)  # one voice in multi-process runs
         root.addHandler(console)
     if run.main:
         fh = logging.FileHandler(run.path / "train.log")
