@@ -1,0 +1,149 @@
+"""The `chat`, `serve`, `compare` and `export` commands. Heavy imports stay inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmtune.errors import ConfigError
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from llmtune.serve.engine import Settings
+
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature: must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    return Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=getattr(args, "seed", None))
+
+
+def _generation_flags(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"answer length limit (default {max_new_tokens})")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from llmtune.serve.chat import interactive, piped
+    from llmtune.serve.engine import Engine
+
+    settings = _settings(args)
+    engine = Engine.load(args.model)
+    if not engine.generates:
+        raise ConfigError(f"{args.model}: a reward model cannot chat; serve it and POST /v1/score instead")
+    if sys.stdin.isatty():
+        interactive(engine, settings, args.system)
+    else:
+        piped(engine, settings, args.system, args.history)
+    engine.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llmtune.serve.api import Server, run
+    from llmtune.serve.engine import Engine
+
+    refs: list[tuple[str | None, str]] = [(None, m) for m in args.models]
+    for item in args.name:
+        name, sep, ref = item.partition("=")
+        if not sep or not name or not ref:
+            raise ConfigError(f"--name {item}: expected NAME=MODEL")
+        refs.append((name, ref))
+    if not refs:
+        raise ConfigError("serve: give at least one MODEL (or --name NAME=MODEL)")
+    if args.port < 0 or args.port > 65535:
+        raise ConfigError(f"--port: {args.port} is not a port number")
+    engines = []
+    for name, ref in refs:
+        print(f"llmtune serve: loading {ref}", file=sys.stderr, flush=True)
+        engines.append(Engine.load(ref, name=name))
+    server = Server(engines, api_key=args.api_key, default_max_tokens=args.max_tokens)
+    run(server, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from llmtune.data.load import load_rows
+    from llmtune.data.registry import FORMATS, list_entries
+    from llmtune.serve.compare import compare
+
+    if args.n < 1:
+        raise ConfigError(f"-n: must be >= 1, got {args.n}")
+    name, fmt = args.prompts, None
+    if name in FORMATS and name not in list_entries():  # a raw format: the rows come from --path
+        if not args.path:
+            raise ConfigError(f"--prompts {name}: a data format needs --path")
+        name, fmt = None, args.prompts
+    rows = load_rows(name, args.path, split=args.split, shape="prompt", num_samples=args.n, format=fmt).rows
+    prompts = [r["prompt"] for r in rows]
+    out = Path(args.out)
+    result = compare(args.models, prompts, _settings(args), seed=args.seed, judge=args.judge,
+                     lower_is_better=args.lower_is_better, margin=args.tie_margin, out=out,
+                     log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps({"out": str(out), **result.to_summary()}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from llmtune.serve.export import export
+
+    print(json.dumps(export(args.run_dir, args.out, merge=args.merge)))
+    return 0
+
+
+def register(sub: Any) -> None:
+    c = sub.add_parser("chat", help="chat with a model in the terminal (streaming)",
+                       description="Chat with any run dir, registry name, hub id or model path. On a terminal: "
+                       "multi-turn with /reset, /system TEXT, /help, /exit. From a pipe: one prompt per line, "
+                       "one answer per line (newlines inside answers become spaces); turns are independent "
+                       "unless --history.")
+    c.add_argument("model")
+    _generation_flags(c, temperature=0.7, max_new_tokens=256)
+    c.add_argument("--seed", type=int, help="seed every answer (reproducible sampling)")
+    c.add_argument("--system", help="system prompt")
+    c.add_argument("--history", action="store_true", help="piped input: keep the conversation across lines")
+    c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for one or more models",
+                       description="Serve models at /v1/chat/completions (streaming too), /v1/models, "
+                       "/v1/score (reward models) and /health. Clients pick a model by its name: the registry "
+                       "name or run directory name, or NAME from --name NAME=MODEL. List the MODELs before the options.")
+    s.add_argument("models", nargs="*", metavar="MODEL")
+    s.add_argument("--name", action="append", default=[], metavar="NAME=MODEL", help="serve MODEL as NAME")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (0: any free port; the address is printed)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    s.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of requests without one")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("compare", help="answer the same prompts with several models, side by side",
+                       description="Writes compare.jsonl, compare.html and summary.md to --out; with --judge "
+                       "also mean scores and the win/tie/loss matrix.")
+    m.add_argument("--models", nargs="+", required=True, metavar="MODEL", help="models (or NAME=MODEL)")
+    m.add_argument("--prompts", required=True, help="data registry name, or a format (canonical, hh, ...) with --path")
+    m.add_argument("--path", help="local copy of the prompt data")
+    m.add_argument("--split", default="train")
+    m.add_argument("-n", type=int, default=20, help="number of prompts (default 20)")
+    m.add_argument("--judge", help="reward source: rm run dir, YAML/JSON reward section, rule:module:function, "
+                   "or classifier:PATH")
+    m.add_argument("--lower-is-better", action="store_true", help="judge scores are costs (e.g. toxicity)")
+    m.add_argument("--tie-margin", type=float, default=0.0, help="score differences up to this are ties")
+    m.add_argument("--out", default="compare", help="output directory (default ./compare)")
+    m.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i (default 0)")
+    _generation_flags(m, temperature=0.7, max_new_tokens=128)
+    m.set_defaults(func=cmd_compare)
+
+    e = sub.add_parser("export", help="save a run as a standalone model (merged) or a portable adapter")
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True)
+    e.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base weights")
+    e.set_defaults(func=cmd_export)
