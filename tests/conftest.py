@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Many tests run a client and a server (or two trainers) at once on 2 cores: one thread each avoids
+# oversubscription that makes small CPU models tens of times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("LLMTUNE_HOME", str(ROOT / ".pytest_cache" / "llmtune-home"))
 
 

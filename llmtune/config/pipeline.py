@@ -4,7 +4,7 @@
     model: {name: tiny-llama}        # top-level sections are shared defaults for every stage
     training: {max_steps: 50}
     stages:                          # a list of stage names, or a mapping name → overrides
-      sft: {stage: sft, data: {name: demo}}
+      sft: {recipe: quickstart.yaml}           # a whole recipe file as the stage (keys may override it)
       rm:  {stage: rm, data: {name: hh, path: data/hh}}
       ppo:
         stage: ppo
@@ -81,15 +81,20 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     out: list[PipelineStage] = []
     errors: list[str] = []
     pending: set[str] = set()
-    OmegaConf.register_new_resolver("run", run_resolver, replace=True)
+    OmegaConf.register_resolver("run", run_resolver, replace=True)
     try:
         for name, body in named.items():
+            if "recipe" in body and "stage" not in body:
+                body["stage"] = str(_read(_find(str(body["recipe"]), Path(source).resolve().parent)).get("stage"))
             if body.get("stage", name) not in STAGES:
                 errors.append(f"stages.{name}.stage: '{body.get('stage', name)}' is not a stage"
                               + hint(str(body.get("stage", name)), STAGES))
                 continue
+            layers = [shared]
+            if "recipe" in body:  # a stage may start from a whole recipe file, then override it
+                layers.append(_read(_find(str(body.pop("recipe")), Path(source).resolve().parent)))
             body.setdefault("stage", name)
-            merged = OmegaConf.merge(shared, OmegaConf.create(body))
+            merged = OmegaConf.merge(*layers, OmegaConf.create(body))
             try:
                 data = OmegaConf.to_container(merged, resolve=True)
             except OmegaConfBaseException as exc:

@@ -11,7 +11,6 @@ so importing `llmtune.rewards` never pulls in torch.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 
 from llmtune.config.schema import RewardSection
@@ -22,9 +21,6 @@ __all__ = ["BUILDERS", "RewardError", "RewardSource", "build_reward", "reward_st
 
 
 def _reward_model(section: RewardSection, where: str) -> RewardSource:
-    if importlib.util.find_spec("llmtune.rewards.reward_model") is None:
-        raise ConfigError(f"{where}.type: reward_model scoring is not available in this version of llmtune; "
-                          "use a classifier reward on the rm run's model/ directory")
     from llmtune.rewards.reward_model import RewardModelScorer
 
     return RewardModelScorer(section)

@@ -23,45 +23,13 @@ from typing import Any
 from llmtune.config.schema import RewardSection
 from llmtune.data.templates import Message
 from llmtune.errors import ConfigError
+from llmtune.rewards.source import parse_source
 from llmtune.serve.engine import Engine, Settings, default_name
-
-JUDGE_FORMS = ("a reward-model run dir or model directory, a YAML/JSON file with a reward section, "
-               "rule:module:function, or classifier:PATH_OR_HUB_ID")
 
 
 def parse_judge(source: str) -> RewardSection:
-    """--judge SOURCE → a reward section (see JUDGE_FORMS)."""
-    from llmtune.config.schema import parse
-    from llmtune.registry.models import resolve_model
-
-    if source.startswith("rule:"):
-        return RewardSection(type="rule", function=source[len("rule:"):])
-    if source.startswith("classifier:"):
-        return RewardSection(type="classifier", model=source[len("classifier:"):])
-    path = Path(source).expanduser()
-    if path.is_file():
-        if path.suffix not in (".yaml", ".yml", ".json"):
-            raise ConfigError(f"--judge {source}: expected a .yaml/.yml/.json file with a reward section")
-        import yaml
-
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--judge {source}: not valid YAML/JSON: {exc}") from None
-        if isinstance(data, dict) and "reward" in data:
-            data = data["reward"]
-        if not isinstance(data, dict):
-            raise ConfigError(f"--judge {source}: expected a mapping (a reward section, or a recipe with `reward:`)")
-        # The schema validates sections only inside a recipe; a stub recipe carries this one.
-        stub = {"stage": "rs", "model": {"name": "judge"}, "data": {"name": "judge"}, "reward": data}
-        reward = parse(stub, source=str(path)).reward
-        assert reward is not None
-        return reward
-    if path.is_dir():
-        spec = resolve_model(str(path))
-        kind = "reward_model" if spec.extra.get("head") == "classifier" else "classifier"
-        return RewardSection(type=kind, model=str(path))
-    raise ConfigError(f"--judge {source}: no such file or directory; give {JUDGE_FORMS}")
+    """--judge SOURCE → a reward section (the same forms as `eval policy --reward`)."""
+    return parse_source(source, "--judge")
 
 
 @dataclass

@@ -1,0 +1,79 @@
+"""`llmtune eval policy`: did RL make the policy better, and how far did it move?
+
+Both models answer the same held-out prompts with the same sampling settings and seed; a reward
+source scores every answer. The result: mean reward of each, win/tie/loss of the model against the
+baseline per prompt, and KL(model || baseline) estimated on the model's own samples as the mean over
+responses of sum_t [log p_model(y_t) - log p_baseline(y_t)].
+
+SOURCE (--reward): the reward-source syntax of `llmtune.rewards.source` (rule:module:function,
+classifier:PATH, a reward YAML/JSON file, or a reward-model run directory).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmtune.config.schema import GenerationSection, RewardSection
+from llmtune.errors import ConfigError
+from llmtune.rewards.source import parse_source
+
+
+def reward_section(source: str) -> RewardSection:
+    """Parse the --reward SOURCE syntax (shared with `compare --judge`)."""
+    return parse_source(source, "--reward")
+
+
+def compare(model_ref: str, baseline_ref: str, prompts: list[list[dict[str, str]]], reward: Any,
+            gen: GenerationSection, seed: int = 0, max_prompt_length: int = 256, max_length: int = 512,
+            batch_size: int = 8, tie_margin: float = 1e-6) -> dict[str, Any]:
+    """Generate with both models (same seed), score, and measure KL on the model's samples."""
+    import torch
+
+    from llmtune.data.templates import ChatTemplate
+    from llmtune.modeling.generate import generate
+    from llmtune.modeling.load import load_for_inference
+    from llmtune.ppo.rollout import sequence_logprobs
+
+    model, tok, spec = load_for_inference(model_ref)
+    base, base_tok, base_spec = load_for_inference(baseline_ref)
+    if spec.kind != base_spec.kind or len(tok) != len(base_tok):
+        raise ConfigError(f"--baseline: '{baseline_ref}' ({base_spec.kind}, {len(base_tok)} tokens) cannot be "
+                          f"compared token by token with '{model_ref}' ({spec.kind}, {len(tok)} tokens)")
+    kind = spec.kind or "causal"
+    template = ChatTemplate.get(spec.template)
+    answers = {}
+    for name, (m, t) in {"model": (model, tok), "baseline": (base, base_tok)}.items():
+        torch.manual_seed(seed)
+        answers[name] = [g[0] for g in generate(m, t, template, kind, prompts, gen, max_prompt_length,
+                                                batch_size=batch_size)]
+    scores = {name: [float(s) for s in reward.score(prompts, texts)] for name, texts in answers.items()}
+    wins = sum(a > b + tie_margin for a, b in zip(scores["model"], scores["baseline"]))
+    losses = sum(b > a + tie_margin for a, b in zip(scores["model"], scores["baseline"]))
+    lp_model = sequence_logprobs(model, tok, template, kind, prompts, answers["model"], max_length)
+    lp_base = sequence_logprobs(base, tok, template, kind, prompts, answers["model"], max_length)
+    kl = [a - b for a, b in zip(lp_model, lp_base)]
+    n = len(prompts)
+    return {
+        "model": model_ref, "baseline": baseline_ref, "n": n,
+        "reward_model_mean": sum(scores["model"]) / n, "reward_baseline_mean": sum(scores["baseline"]) / n,
+        "wins": wins, "ties": n - wins - losses, "losses": losses, "win_rate": wins / n,
+        "kl_model_baseline": sum(kl) / n,
+        "examples": [{"prompt": p, "model": a, "model_reward": sa, "baseline": b, "baseline_reward": sb}
+                     for p, a, sa, b, sb in list(zip(prompts, answers["model"], scores["model"],
+                                                     answers["baseline"], scores["baseline"]))[:3]],
+    }
+
+
+def policy_prompts(data: str | None, path: str | None, split: str, n: int | None,
+                   registries: list[str] | None = None) -> list[list[dict[str, str]]]:
+    """Prompts (canonical message lists) from a data registry entry or a local file (`data` may name
+    a raw format such as canonical or hh when `path` is given)."""
+    from llmtune.data.load import load_rows
+    from llmtune.data.registry import FORMATS, list_entries
+
+    name, fmt = data, None
+    if data and path and data in FORMATS and data not in list_entries(registries):
+        name, fmt = None, data
+    rows = load_rows(name, path, split=split, shape="prompt", num_samples=n, format=fmt,
+                     extra_registries=registries).rows
+    return [r["prompt"] for r in rows]

@@ -1,0 +1,148 @@
+"""Rollouts: sample responses from the policy, then score every response token with the policy
+(log-probs, values) and the frozen reference (log-probs), for causal and seq2seq models alike.
+
+Causal:  [left-padded prompt | right-padded response] is one sequence; the logits at position
+         prompt_width - 1 + t predict response token t (explicit position ids, so left padding does
+         not shift positions).
+Seq2seq: the prompt goes to the encoder; the response tokens are the decoder's actions, the
+         decoder input is the response shifted right behind the decoder start token.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmtune.config.schema import GenerationSection
+from llmtune.data.templates import ChatTemplate, Message
+from llmtune.modeling.generate import batch_prompts, cut_at_stop, generation_kwargs
+from llmtune.ppo.core import entropy_from_logits, logprobs_from_logits
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled episodes; per-token tensors are (batch, response_width)."""
+
+    prompts: list[list[Message]]
+    query_ids: torch.Tensor         # causal: left-padded; seq2seq: right-padded encoder input
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor      # pad after the end of each response
+    response_mask: torch.Tensor     # 1 on response tokens, EOS included
+    texts: list[str]                # decoded responses (special tokens and stop strings removed)
+    ended: torch.Tensor             # bool: the response stopped by itself (EOS or stop string)
+
+    def select(self, idx: list[int]) -> Rollout:
+        """A sub-batch (prompt lists and tensors indexed alike)."""
+        t = torch.tensor(idx, device=self.query_ids.device)
+        return Rollout([self.prompts[i] for i in idx], self.query_ids[t], self.query_mask[t],
+                       self.response_ids[t], self.response_mask[t], [self.texts[i] for i in idx], self.ended[t])
+
+
+def response_mask(response_ids: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask up to and including the first EOS, whether an EOS was produced) per response."""
+    if eos_id is None:
+        return torch.ones_like(response_ids), torch.zeros(len(response_ids), dtype=torch.bool,
+                                                          device=response_ids.device)
+    is_eos = response_ids == eos_id
+    ended = is_eos.any(1)
+    # Tokens strictly after the first EOS have a cumulative EOS count of 1 before them.
+    before = torch.cumsum(is_eos.long(), 1) - is_eos.long()
+    return (before == 0).long(), ended
+
+
+@torch.no_grad()
+def sample(policy: Any, tok: Any, template: ChatTemplate, kind: str, prompts: list[list[Message]],
+           gen: GenerationSection, max_prompt_length: int) -> Rollout:
+    """Generate one response per prompt with the recipe's sampling settings."""
+    device = next(policy.parameters()).device
+    batch = batch_prompts(tok, template, prompts, max_prompt_length, kind, device)
+    seqs = policy.generate(**batch, **generation_kwargs(gen, tok))
+    responses = seqs[:, 1:] if kind == "seq2seq" else seqs[:, batch["input_ids"].shape[1]:]
+    mask, ended = response_mask(responses, tok.eos_token_id)
+    responses = torch.where(mask.bool(), responses, torch.full_like(responses, tok.pad_token_id))
+    texts = []
+    stopped = []
+    for ids, m in zip(responses, mask):
+        raw = tok.decode(ids[m.bool()], skip_special_tokens=True)
+        text = cut_at_stop(raw, template.stop)
+        stopped.append(len(text) < len(raw))
+        texts.append(text.strip())
+    ended = ended | torch.tensor(stopped, dtype=torch.bool, device=device)
+    return Rollout(prompts, batch["input_ids"], batch["attention_mask"], responses, mask, texts, ended)
+
+
+def model_inputs(r: Rollout, kind: str, decoder_start_id: int | None) -> dict[str, torch.Tensor]:
+    """Forward-pass inputs that make the logits line up with the response tokens (see module doc)."""
+    if kind == "seq2seq":
+        start = torch.full_like(r.response_ids[:, :1], decoder_start_id if decoder_start_id is not None else 0)
+        decoder_ids = torch.cat([start, r.response_ids[:, :-1]], 1)
+        decoder_mask = torch.cat([torch.ones_like(start), r.response_mask[:, :-1]], 1)
+        return {"input_ids": r.query_ids, "attention_mask": r.query_mask, "decoder_input_ids": decoder_ids,
+                "decoder_attention_mask": decoder_mask}
+    input_ids = torch.cat([r.query_ids, r.response_ids], 1)
+    mask = torch.cat([r.query_mask, r.response_mask], 1)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
+
+
+def response_logits(logits: torch.Tensor, r: Rollout, kind: str) -> torch.Tensor:
+    """The slice of the output logits (or per-position values) that scores each response token."""
+    if kind == "seq2seq":
+        return logits
+    width = r.query_ids.shape[1]
+    return logits[:, width - 1: width - 1 + r.response_ids.shape[1]]
+
+
+def evaluate(actor_critic: Any, r: Rollout, kind: str, decoder_start_id: int | None,
+             with_entropy: bool = False) -> dict[str, torch.Tensor]:
+    """Log-probs of the taken tokens and values (and entropy) under the current actor-critic.
+
+    Gradients flow when called outside `torch.no_grad()` (the PPO update); rollouts call it inside."""
+    logits, values = actor_critic(model_inputs(r, kind, decoder_start_id))
+    logits = response_logits(logits, r, kind)
+    out = {"logprobs": logprobs_from_logits(logits, r.response_ids),
+           "values": response_logits(values, r, kind).float()}
+    if with_entropy:
+        out["entropy"] = entropy_from_logits(logits.detach())
+    return out
+
+
+@torch.no_grad()
+def reference_logprobs(policy: Any, reference: Any | None, r: Rollout, kind: str,
+                       decoder_start_id: int | None) -> torch.Tensor:
+    """Log-probs under the frozen reference: a separate frozen model for full fine-tuning, or —
+    with LoRA — the very same policy with its adapters switched off (no second copy)."""
+    model = reference if reference is not None else policy
+    switch: AbstractContextManager[Any] = policy.disable_adapter() if reference is None else nullcontext()
+    with switch:
+        logits = model(**model_inputs(r, kind, decoder_start_id), use_cache=False).logits
+    return logprobs_from_logits(response_logits(logits, r, kind), r.response_ids)
+
+
+def sequence_logprobs(model: Any, tok: Any, template: ChatTemplate, kind: str, prompts: list[list[Message]],
+                      responses: list[str], max_length: int) -> list[float]:
+    """sum_t log p(response token t | prompt, earlier tokens) per (prompt, response) text pair,
+    tokenised the way training sees it; used to measure the KL between two policies."""
+    from llmtune.data.templates import encode_prompt_response
+
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for prompt, response in zip(prompts, responses):
+        enc = encode_prompt_response(tok, template, prompt, response, max_length, kind)
+        if kind == "seq2seq":
+            src = torch.tensor([enc["input_ids"]], device=device)
+            labels = torch.tensor([enc["labels"]], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=src, attention_mask=torch.ones_like(src), labels=labels).logits
+            out.append(logprobs_from_logits(logits, labels).sum().item())
+            continue
+        ids = torch.tensor([enc["input_ids"]], device=device)
+        start = enc["prompt_length"]
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        targets = ids[:, start:]
+        out.append(logprobs_from_logits(logits[:, start - 1:-1], targets).sum().item() if targets.numel() else 0.0)
+    return out

@@ -1,0 +1,267 @@
+"""PPO stage end to end on the built-in tiny models: real rollouts and updates, one copy of the
+weights with LoRA, checkpoints, resume, Ctrl-C, the quickstart learning curve, `llmtune eval policy`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, run_cli
+
+from llmtune.config.load import recipe_from_dict
+from llmtune.errors import ConfigError
+from llmtune.runs.rundir import RunDir, StopFlag
+from llmtune.stages.common import Context
+from llmtune.stages.ppo import PPOTrainer
+from llmtune.train import seed_everything, train
+
+# Two shared CPU cores: one thread each avoids oversubscription stalls (30x slower otherwise).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+STEP_KEYS = ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clipfrac",
+             "approx_kl", "response_length", "samples_per_s", "tokens_per_s")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_recipe(model: str, finetuning: str, **ppo: Any) -> dict[str, Any]:
+    """A PPO recipe small enough for a few seconds per step on a shared CPU."""
+    return {
+        "stage": "ppo",
+        "model": {"name": model, "finetuning": finetuning, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "data": {"name": "demo", "max_length": 64, "num_samples": 40},
+        "training": {"max_steps": 2, "learning_rate": 5e-3, "batch_size": 4, "logging_steps": 1, "save_steps": 100,
+                     "seed": 7},
+        "reward": {"type": "rule", "function": "llmtune.ppo.rewards_demo:char_fraction", "kwargs": {"chars": "aeiou"}},
+        "ppo": {"rollout_batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "sample_every": 1,
+                "generation": {"max_new_tokens": 6}, **ppo},
+    }
+
+
+def trainer_for(tmp_path: Path, data: dict[str, Any]) -> PPOTrainer:
+    run = RunDir(tmp_path / "run")
+    run.start("", 7, "ppo", False)
+    seed_everything(7)
+    return PPOTrainer(recipe_from_dict(data), Context(run=run, resume=False, stop=StopFlag()))
+
+
+def finite_rows(run: Path) -> list[dict[str, Any]]:
+    rows = RunDir(run).metrics()
+    for row in rows:
+        for key in STEP_KEYS:
+            assert math.isfinite(row[key]), (key, row)
+    return rows
+
+
+@pytest.mark.parametrize("finetuning", ["lora", "full"])
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gptj", "tiny-t5"])
+def test_ppo_trains_causal_and_seq2seq(tmp_path: Path, model: str, finetuning: str) -> None:
+    trainer = trainer_for(tmp_path, small_recipe(model, finetuning))
+    ac = trainer.unwrapped
+    policy_params = sum(p.numel() for p in ac.policy.parameters())
+    head_params = sum(p.numel() for p in ac.value_head.parameters())
+    trainable = {k: v.detach().clone() for k, v in ac.named_parameters() if v.requires_grad}
+    frozen = {k: v.detach().clone() for k, v in ac.named_parameters() if not v.requires_grad}
+    if finetuning == "lora":
+        # The reference is the policy with adapters disabled: no second model, one copy of the base.
+        assert trainer.reference is None
+        assert trainer.held_parameters() == policy_params + head_params
+        assert frozen, "LoRA keeps the base weights frozen"
+    else:
+        assert trainer.reference is not None
+        assert not any(p.requires_grad for p in trainer.reference.parameters())
+        assert trainer.held_parameters() == 2 * policy_params + head_params
+        reference = {k: v.detach().clone() for k, v in trainer.reference.named_parameters()}
+
+    summary = trainer.train()
+
+    assert summary["global_step"] == 2
+    rows = finite_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4), "policy == reference before the first update"
+    changed = [k for k, v in ac.named_parameters() if v.requires_grad and not torch.equal(v, trainable[k])]
+    assert any("value_head" in k for k in changed) and any("value_head" not in k for k in changed)
+    assert all(torch.equal(v, frozen[k]) for k, v in ac.named_parameters() if not v.requires_grad)
+    if finetuning == "full":
+        assert all(torch.equal(v, reference[k]) for k, v in trainer.reference.named_parameters())
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and all({"prompt", "response", "reward"} <= set(s) for s in samples)
+    assert (tmp_path / "run" / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from llmtune.modeling.load import load_for_inference
+
+    loaded, tok, spec = load_for_inference(str(tmp_path / "run"))
+    assert spec.kind == ("seq2seq" if model == "tiny-t5" else "causal")
+    assert sum(p.numel() for p in loaded.parameters()) == policy_params
+
+
+def test_separate_value_model(tmp_path: Path) -> None:
+    data = small_recipe("tiny-llama", "lora", value_model="separate", value_model_path="tiny-t5")
+    with pytest.raises(ConfigError, match="ppo.value_model_path: .* is a seq2seq model"):
+        trainer_for(tmp_path, data)
+    data["ppo"]["value_model_path"] = "tiny-llama"
+    data["training"]["max_steps"] = 1
+    trainer = trainer_for(tmp_path / "ok", data)
+    ac = trainer.unwrapped
+    assert ac.value_model is not None and trainer.reference is None
+    critic = sum(p.numel() for p in ac.value_model.parameters())
+    assert trainer.held_parameters() == sum(p.numel() for p in ac.policy.parameters()) + critic + 65
+    before = {k: v.detach().clone() for k, v in ac.value_model.named_parameters() if v.requires_grad}
+    trainer.train()
+    finite_rows(tmp_path / "ok" / "run")
+    assert any(not torch.equal(v, before[k]) for k, v in ac.value_model.named_parameters() if v.requires_grad)
+
+
+def test_reward_model_run_as_reward_and_critic_init(tmp_path: Path) -> None:
+    rm = tmp_path / "rm"
+    run_cli("train", "recipes/rm-gptj-hh.yaml", "model.name=tiny-gptj", "data.path=tests/fixtures/raw/hh",
+            "training.max_steps=1", "training.gradient_checkpointing=false", "--output-dir", str(rm),
+            env=ONE_THREAD, check=True)
+    data = small_recipe("tiny-gptj", "lora", value_model="separate")
+    data["reward"] = {"type": "reward_model", "model": str(rm)}
+    data["training"]["max_steps"] = 1
+    trainer = trainer_for(tmp_path, data)
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(rm / "model" / "adapter_model.safetensors"))
+    score = next(v for k, v in adapter.items() if k.endswith("score.weight"))
+    # The critic starts from the reward model: its trunk and its trained score head.
+    assert torch.equal(trainer.unwrapped.value_head.summary.weight.detach(), score)
+    trainer.train()
+    rows = finite_rows(tmp_path / "run")
+    assert rows[0]["reward_mean"] != 0.0
+
+
+def test_batch_size_errors_name_the_key(tmp_path: Path) -> None:
+    data = small_recipe("tiny-llama", "lora", mini_batch_size=3)
+    with pytest.raises(ConfigError, match=r"ppo.mini_batch_size: 3 must divide ppo.rollout_batch_size \(4\)"):
+        trainer_for(tmp_path, data)
+    data = small_recipe("tiny-llama", "lora")
+    data["training"]["gradient_accumulation_steps"] = 4
+    with pytest.raises(ConfigError, match="training.gradient_accumulation_steps"):
+        trainer_for(tmp_path, data)
+
+
+def test_resume_continues_exactly_from_the_saved_step(tmp_path: Path) -> None:
+    data = small_recipe("tiny-llama", "lora")
+    # A constant LR: the schedule would otherwise depend on max_steps, which differs between the runs.
+    data["training"].update(max_steps=4, save_steps=2, gradient_accumulation_steps=2, lr_scheduler="constant")
+    whole = train(recipe_from_dict(data), tmp_path / "whole")
+    assert whole["global_step"] == 4
+
+    data["training"]["max_steps"] = 2
+    first = train(recipe_from_dict(data), tmp_path / "split")
+    assert first["global_step"] == 2 and (tmp_path / "split" / "checkpoints" / "checkpoint-2").is_dir()
+    data["training"]["max_steps"] = 4
+    resumed = train(recipe_from_dict(data), tmp_path / "split", resume=True)
+    assert resumed["global_step"] == 4
+    assert "resuming from" in (tmp_path / "split" / "train.log").read_text()
+
+    a, b = finite_rows(tmp_path / "whole"), finite_rows(tmp_path / "split")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss", "kl_coef"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    ckpt = tmp_path / "split" / "checkpoints" / "checkpoint-4"
+    assert {"trainable.pt", "optimizer.pt", "scheduler.pt", "ppo_state.json", "rng_state_0.pt", "policy"} <= {
+        p.name for p in ckpt.iterdir()}
+    assert json.loads((ckpt / "ppo_state.json").read_text())["step"] == 4
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
+    data = small_recipe("tiny-gptj", "lora", adaptive_kl=True, target_kl=1.0, kl_horizon=100)
+    data["training"].update(max_steps=200)
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    env = {**os.environ, **ONE_THREAD}
+    proc = subprocess.Popen([sys.executable, "-m", "llmtune.cli", "train", str(recipe), "--output-dir", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("ppo step 2/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, "".join(lines) + rest
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    saved = RunDir(out).last_checkpoint()
+    assert saved is not None
+    step = int(saved.name.split("-")[-1])
+    assert step >= 2
+    state = json.loads((saved / "ppo_state.json").read_text())
+    assert state["kl_controller"]["value"] != 0.05, "the adaptive KL coefficient is part of the checkpoint"
+
+    done = run_cli("train", str(recipe), f"training.max_steps={step + 2}", "--output-dir", str(out), "--resume",
+                   env=ONE_THREAD, check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1])["global_step"] == step + 2
+    assert [r["step"] for r in RunDir(out).metrics()] == list(range(1, step + 3))
+    assert (out / "model" / "adapter_config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The PPO quickstart pipeline (SFT quickstart, then PPO on top of it), as a user runs it."""
+    base = tmp_path_factory.mktemp("ppo-quickstart")
+    proc = run_cli("train", "recipes/ppo-quickstart.yaml", "--output-dir", str(base), env=ONE_THREAD, check=True)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "completed"
+    again = run_cli("train", "recipes/ppo-quickstart.yaml", "--output-dir", str(base), env=ONE_THREAD, check=True)
+    assert "already completed" in again.stderr  # finished stages are skipped
+    return {"sft": base / "sft", "ppo": base / "ppo"}
+
+
+def test_quickstart_reward_rises_with_bounded_kl(quickstart: dict[str, Path]) -> None:
+    rows = finite_rows(quickstart["ppo"])
+    assert len(rows) == 40
+    tenth = len(rows) // 10
+    first = sum(r["reward_mean"] for r in rows[:tenth]) / tenth
+    last = sum(r["reward_mean"] for r in rows[-tenth:]) / tenth
+    assert last > first + 0.1, (first, last)
+    assert max(r["kl"] for r in rows) < 50
+    assert all(r["samples_per_s"] > 0 and r["kl_coef"] == 0.05 for r in rows)
+    assert (quickstart["ppo"] / "reward_curve.png").exists()
+    assert (quickstart["ppo"] / "model" / "llmtune.json").exists()
+
+
+def test_eval_policy_compares_with_the_baseline(quickstart: dict[str, Path], tmp_path: Path) -> None:
+    reward_file = tmp_path / "reward.yaml"
+    reward_file.write_text(yaml.safe_dump({"reward": {"type": "rule",
+                                                      "function": "llmtune.ppo.rewards_demo:char_fraction"}}))
+    proc = run_cli("eval", "policy", "--model", str(quickstart["ppo"]), "--baseline", str(quickstart["sft"]),
+                   "--prompts", "demo", "--split", "train", "-n", "24", "--reward", str(reward_file),
+                   "--max-new-tokens", "16", env=ONE_THREAD, check=True)
+    result = json.loads(proc.stdout)
+    assert result["n"] == 24 and result["wins"] + result["ties"] + result["losses"] == 24
+    assert result["reward_model_mean"] > result["reward_baseline_mean"]
+    assert result["wins"] > result["losses"]
+    assert result["kl_model_baseline"] > 0
+    same = run_cli("eval", "policy", "--model", str(quickstart["sft"]), "--baseline", str(quickstart["sft"]),
+                   "--prompts", "demo", "--split", "train", "-n", "4", "--reward",
+                   "rule:llmtune.ppo.rewards_demo:char_fraction", env=ONE_THREAD, check=True)
+    twin = json.loads(same.stdout)
+    assert twin["ties"] == 4 and twin["kl_model_baseline"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_eval_policy_bad_reward_source_is_a_clean_error(tmp_path: Path) -> None:
+    proc = run_cli("eval", "policy", "--model", "tiny-llama", "--baseline", "tiny-llama", "--prompts", "demo",
+                   "--reward", str(tmp_path / "missing"), env=ONE_THREAD)
+    assert proc.returncode == 2
+    assert "--reward" in proc.stderr and "Traceback" not in proc.stderr
