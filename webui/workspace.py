@@ -1,0 +1,428 @@
+"""The web UI's workspace: one directory holding saved recipes, runs and collected feedback.
+
+    WORKSPACE/recipes/*.yaml            recipes saved from the UI
+    WORKSPACE/runs/NAME/                run directories (`llmtune train ... --output-dir` of each launch)
+    WORKSPACE/runs/NAME/launch.yaml     the recipe exactly as submitted (bases merged)
+    WORKSPACE/runs/NAME/console.log     stdout+stderr of the detached `llmtune train` process
+    WORKSPACE/runs/NAME/launcher.json   pid / process group / command of the launch
+    WORKSPACE/feedback/preferences.jsonl  A-vs-B votes in the canonical preference shape
+    WORKSPACE/feedback/ties.jsonl         tied votes (kept apart so rm/dpo never train on them)
+    WORKSPACE/data_registry.json        user data registry with the `feedback` entry
+
+Every path the UI accepts goes through `Workspace.confine`, so a browser (or API client) can never
+read or write outside this directory. Nothing here imports gradio or torch: it is plain file logic,
+shared by the app and testable on its own. State lives on disk only, so a reload, a second browser
+tab or a restarted UI sees the same runs and votes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmtune.config.load import RECIPES_DIR, load_dict, recipe_from_dict
+from llmtune.config.schema import Recipe
+from llmtune.errors import ConfigError
+from llmtune.runs.rundir import STATUS_FAILED, STATUS_RUNNING, RunDir
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+SHIPPED = "shipped/"  # prefix naming a recipe of the repository's recipes/ directory
+FEEDBACK_ENTRY = "feedback"
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) ", re.MULTILINE)
+
+
+def check_name(name: str, what: str) -> str:
+    """Run and recipe names become directory/file names: keep them to one safe path component."""
+    name = (name or "").strip()
+    if not NAME.match(name):
+        raise ConfigError(f"{what}: {name!r} is not a valid name (letters, digits, '.', '_', '-'; "
+                          "no slashes; at most 80 characters)")
+    return name
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Readers (other tabs, the polling timer) must never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl.flock) on PATH.lock, shared by every UI process and tab."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether PID is a live (non-zombie) llmtune process; run.json can outlive a killed process."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (not Linux): trust kill(0)
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state not in ("Z", "X") and b"llmtune" in cmdline
+
+
+@dataclass
+class RunRow:
+    """One line of the runs list, read from disk (run.json, launcher.json, metrics.jsonl)."""
+
+    name: str
+    status: str
+    stage: str
+    model: str
+    step: int | None
+    max_steps: int | None
+    loss: float | None
+    started: str
+    error: str
+
+    def as_list(self) -> list[Any]:
+        step = "" if self.step is None else f"{self.step}/{self.max_steps or '?'}"
+        loss = "" if self.loss is None else round(self.loss, 4)
+        return [self.name, self.status, self.stage, self.model, step, loss, self.started, self.error]
+
+
+RUN_COLUMNS = ["run", "status", "stage", "model", "step", "loss", "started", "error"]
+
+
+class Workspace:
+    """All file-system operations of the UI, confined to one root directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        for sub in ("recipes", "runs", "feedback"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    # -- paths ------------------------------------------------------------------------------------
+    @property
+    def recipes_dir(self) -> Path:
+        return self.root / "recipes"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def preferences_file(self) -> Path:
+        return self.root / "feedback" / "preferences.jsonl"
+
+    @property
+    def ties_file(self) -> Path:
+        return self.root / "feedback" / "ties.jsonl"
+
+    @property
+    def registry_file(self) -> Path:
+        return self.root / "data_registry.json"
+
+    def confine(self, path: str | Path, what: str = "path") -> Path:
+        """PATH (relative to the workspace, or absolute) resolved with symlinks; refused when it
+        lands outside the workspace."""
+        text = str(path).strip()
+        if not text:
+            raise ConfigError(f"{what}: empty path")
+        p = Path(text).expanduser()
+        resolved = (p if p.is_absolute() else self.root / p).resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise ConfigError(f"{what}: '{text}' is outside the workspace {self.root}; the web UI only "
+                              "reads and writes files inside it")
+        return resolved
+
+    def relative(self, path: Path) -> str:
+        return str(path.resolve().relative_to(self.root))
+
+    # -- recipes ----------------------------------------------------------------------------------
+    def list_recipes(self) -> list[str]:
+        """Shipped recipes as `shipped/NAME.yaml`, then saved ones as `recipes/NAME.yaml`."""
+        shipped = sorted(SHIPPED + p.name for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+        saved = sorted(f"recipes/{p.name}" for p in self.recipes_dir.glob("*.yaml"))
+        return shipped + saved
+
+    def recipe_path(self, ref: str) -> Path:
+        """A `shipped/NAME.yaml` reference or a workspace path."""
+        if ref.startswith(SHIPPED):
+            name = check_name(ref[len(SHIPPED):], "recipe")
+            path = RECIPES_DIR / name
+        else:
+            path = self.confine(ref, "recipe")
+        if not path.is_file():
+            raise ConfigError(f"recipe: no such file: {ref}")
+        return path
+
+    def read_recipe(self, ref: str) -> str:
+        return self.recipe_path(ref).read_text()
+
+    def recipe_dict(self, text: str, source: str = "recipe") -> dict[str, Any]:
+        """YAML text → merged recipe dict. `base:` references are looked up in the workspace's
+        recipes/ then the shipped recipes/, like `llmtune train` does next to the recipe file."""
+        try:
+            data = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a recipe must be a mapping of sections")
+        base = data.pop("base", None)
+        if base is None:
+            return data
+        from omegaconf import OmegaConf
+
+        merged = OmegaConf.create()
+        for ref in [base] if isinstance(base, str) else list(base):
+            local = self.recipes_dir / str(ref)
+            path = self.confine(local, "base") if local.is_file() else str(ref)
+            merged = OmegaConf.merge(merged, load_dict(path))
+        out = OmegaConf.to_container(OmegaConf.merge(merged, data), resolve=True)
+        assert isinstance(out, dict)
+        return out
+
+    def validate(self, text: str, source: str = "recipe") -> Recipe:
+        """The same checks as `llmtune validate` (schema parse + semantic check); ConfigError on failure."""
+        return recipe_from_dict(self.recipe_dict(text, source), source=source)
+
+    def save_recipe(self, name: str, text: str) -> Path:
+        """Validate, then write WORKSPACE/recipes/NAME.yaml (never over an existing recipe)."""
+        name = check_name(name, "recipe name")
+        if not name.endswith((".yaml", ".yml")):
+            name += ".yaml"
+        self.validate(text, source=name)
+        path = self.recipes_dir / name
+        with locked(path):
+            if path.exists():
+                raise ConfigError(f"recipe name: recipes/{name} already exists; choose another name")
+            _atomic_write(path, text if text.endswith("\n") else text + "\n")
+        return path
+
+    # -- runs -------------------------------------------------------------------------------------
+    def run_path(self, name: str) -> Path:
+        return self.confine(self.runs_dir / check_name(name, "run"), "run")
+
+    def launch(self, name: str, text: str) -> Path:
+        """Start `llmtune train` for the recipe TEXT as a detached process in WORKSPACE/runs/NAME."""
+        name = check_name(name, "run name")
+        self.validate(text, source=name)
+        merged = self.recipe_dict(text, name)
+        path = self.runs_dir / name
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            raise ConfigError(f"run name: runs/{name} already exists; choose another name or resume it") from None
+        recipe_file = path / "launch.yaml"
+        recipe_file.write_text(yaml.safe_dump(merged, sort_keys=False))
+        self._spawn(path, ["train", str(recipe_file), "--output-dir", str(path)])
+        return path
+
+    def resume(self, name: str) -> Path:
+        """`llmtune train RUN/recipe.yaml --output-dir RUN --resume` for a stopped or failed run."""
+        path = self.run_path(name)
+        row = self.run_row(path)
+        if row.status in (STATUS_RUNNING, "starting"):
+            raise ConfigError(f"run {name}: still {row.status}; stop it before resuming")
+        recipe_file = path / "recipe.yaml"
+        if not recipe_file.is_file():
+            raise ConfigError(f"run {name}: has no recipe.yaml (it never started); launch it again instead")
+        self._spawn(path, ["train", str(recipe_file), "--output-dir", str(path), "--resume"])
+        return path
+
+    def _spawn(self, path: Path, args: list[str]) -> None:
+        """Detached (own session and process group): closing the browser or the UI does not stop it."""
+        cmd = [sys.executable, "-m", "llmtune.cli", *args]
+        with (path / "console.log").open("a") as log:
+            log.write(f"$ llmtune {' '.join(args)}\n")
+            log.flush()
+            # Same working directory as the UI: relative paths in recipes (data.path, data.registry)
+            # mean the same to the UI's validation as to the run, as with `llmtune train` in a shell.
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        _atomic_write(path / "launcher.json", json.dumps(
+            {"pid": proc.pid, "pgid": proc.pid, "command": cmd, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "launched": time.time()},
+            indent=2) + "\n")
+        _CHILDREN[proc.pid] = proc
+
+    def stop(self, name: str) -> str:
+        """SIGTERM to the run's process group: the run saves a checkpoint and marks itself interrupted."""
+        path = self.run_path(name)
+        launcher = _read_json(path / "launcher.json")
+        pgid = launcher.get("pgid")
+        status = self.run_row(path).status
+        if status not in (STATUS_RUNNING, "starting") or not pid_alive(pgid):
+            raise ConfigError(f"run {name}: not running (status {status})")
+        os.killpg(pgid, signal.SIGTERM)
+        return f"sent SIGTERM to run {name} (process group {pgid}); it saves a checkpoint and stops"
+
+    def run_row(self, path: Path) -> RunRow:
+        """Status from run.json, corrected by process liveness (a killed run never writes 'failed')."""
+        _reap()
+        info = RunDir(path).info()
+        launcher = _read_json(path / "launcher.json")
+        alive = pid_alive(launcher.get("pid"))
+        status = info.get("status") or ("starting" if alive else STATUS_FAILED)
+        if alive and status != STATUS_RUNNING and launcher.get("launched", 0) >= _epoch(info.get("ended")):
+            status = "starting"  # resumed: the new process has not rewritten run.json yet
+        error = info.get("error") or ""
+        if status == STATUS_RUNNING and not pid_alive(info.get("pid")) and not alive:
+            status, error = "dead", "the training process is gone without finishing (killed?)"
+        if not info and not alive:
+            error = _last_error_line(path / "console.log")
+        recipe = _read_yaml(path / "recipe.yaml") or _read_yaml(path / "launch.yaml")
+        step, max_steps = self.progress(path)
+        losses = [r["loss"] for r in RunDir(path).metrics() if isinstance(r.get("loss"), (int, float))]
+        summary = info.get("summary") or {}
+        loss = summary.get("train_loss") if status == "completed" and summary.get("train_loss") is not None \
+            else (losses[-1] if losses else None)
+        return RunRow(name=path.name, status=status, stage=str(recipe.get("stage", "")),
+                      model=str((recipe.get("model") or {}).get("name", "")), step=step, max_steps=max_steps,
+                      loss=loss, started=str(info.get("started") or launcher.get("started") or ""), error=error)
+
+    def list_runs(self) -> list[RunRow]:
+        """Every run directory in the workspace, newest first."""
+        dirs = [p for p in self.runs_dir.iterdir() if p.is_dir()]
+        dirs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        return [self.run_row(p) for p in dirs]
+
+    def progress(self, path: Path) -> tuple[int | None, int | None]:
+        """(current step, total steps) from the `step N/M` lines `llmtune train` prints, falling back
+        to the last step in metrics.jsonl."""
+        text = _tail(path / "console.log", 64_000)
+        found = STEP_LINE.findall(text)
+        if found:
+            step, total = found[-1]
+            return int(step), int(total)
+        rows = RunDir(path).metrics()
+        return (rows[-1]["step"], None) if rows else (None, None)
+
+    def log_tail(self, name: str, lines: int = 12) -> str:
+        """The last LINES lines of console.log, without tqdm bars (they are noise once redrawn)."""
+        text = _tail(self.run_path(name) / "console.log", 64_000)
+        kept = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln
+                and "?it/s" not in ln and "examples/s]" not in ln]
+        return "\n".join(kept[-lines:])
+
+    def metrics(self, name: str) -> list[dict[str, Any]]:
+        return RunDir(self.run_path(name)).metrics()
+
+    def trained_models(self) -> list[str]:
+        """Runs with a final model, as `runs/NAME` (what `load_for_inference` accepts as a path)."""
+        return sorted(f"runs/{p.parent.name}" for p in self.runs_dir.glob("*/model") if p.is_dir())
+
+    # -- feedback ---------------------------------------------------------------------------------
+    def record_votes(self, rows: list[dict[str, Any]], ties: list[dict[str, Any]]) -> int:
+        """Append preference rows (and tie rows) under a file lock, register the `feedback` dataset,
+        and return the number of preferences collected so far."""
+        with locked(self.preferences_file):
+            for file, batch in ((self.preferences_file, rows), (self.ties_file, ties)):
+                if batch:
+                    with file.open("a") as fh:
+                        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in batch))
+                        fh.flush()
+                        os.fsync(fh.fileno())
+            self._register_feedback()
+            return _count_lines(self.preferences_file)
+
+    def feedback_counts(self) -> tuple[int, int]:
+        """(preferences, ties) collected so far."""
+        return _count_lines(self.preferences_file), _count_lines(self.ties_file)
+
+    def _register_feedback(self) -> None:
+        """Add or refresh the `feedback` entry of WORKSPACE/data_registry.json, keeping other entries."""
+        with locked(self.registry_file):
+            data = _read_json(self.registry_file)
+            data[FEEDBACK_ENTRY] = {
+                "path": self.relative(self.preferences_file),
+                "format": "canonical",
+                "shapes": ["preference", "prompt", "sft"],
+                "description": "Side-by-side votes collected in the llmtune web UI (chosen vs rejected).",
+                "license": "unknown",
+            }
+            _atomic_write(self.registry_file, json.dumps(data, indent=2) + "\n")
+
+
+# Popen handles of runs this UI process started, so finished children are reaped (no zombies that
+# would look alive to kill(pid, 0)).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _reap() -> None:
+    for pid, proc in list(_CHILDREN.items()):
+        if proc.poll() is not None:
+            del _CHILDREN[pid]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _epoch(stamp: str | None) -> float:
+    """run.json's `%Y-%m-%dT%H:%M:%S%z` time as seconds since the epoch (0 when absent)."""
+    if not stamp:
+        return 0.0
+    try:
+        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _tail(path: Path, size: int) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - size))
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _last_error_line(path: Path) -> str:
+    lines = [ln for ln in _tail(path, 16_000).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or [""])[-1][:300]
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except OSError:
+        return 0
+
