@@ -138,3 +138,12 @@ def test_listings() -> None:
     datasets = run_cli("datasets", check=True).stdout
     for name in ("hh", "shp", "dolly", "oasst", "demo"):
         assert name in datasets
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes" / "gpu").glob("*.yaml")), ids=lambda p: p.name)
+def test_gpu_recipes_validate_apart_from_this_machines_devices(recipe: Path) -> None:
+    """GPU recipes (QLoRA, ZeRO) are refused on a CPU machine, but everything else about them is valid."""
+    from llmtune.config.load import load_dict
+    from llmtune.config.schema import check, parse
+
+    check(parse(load_dict(recipe), str(recipe)), str(recipe), device_checks=False)

@@ -33,7 +33,7 @@ def compare_models(ws: Workspace, refs: dict[str, str], prompts_source: str, jud
     """Run `llmtune compare` (its Python function) into WORKSPACE/evaluations/compare-TIME/.
 
     Returns (table rows: prompt then one column per model (+ its score), headers, summary)."""
-    from llmtune.data.load import load_rows
+    from llmtune.data.load import load_prompts
     from llmtune.serve.compare import compare
     from llmtune.serve.engine import Settings
 
@@ -42,9 +42,7 @@ def compare_models(ws: Workspace, refs: dict[str, str], prompts_source: str, jud
     if n < 1:
         raise ConfigError(f"compare: the number of prompts must be at least 1, got {n}")
     dataset, path, extra = data_source(ws, prompts_source)
-    rows = load_rows(None if path else dataset, path, shape="prompt", num_samples=n,
-                     format="canonical" if path else None, extra_registries=extra).rows
-    prompts = [r["prompt"] for r in rows]
+    prompts = load_prompts("canonical" if path else dataset, path, "train", n, extra)
     out = ws.root / "evaluations" / time.strftime("compare-%Y%m%d-%H%M%S")
     settings = Settings(max_new_tokens=max_new_tokens, temperature=temperature)
     models = [f"{name}={ref}" for name, ref in refs.items()]

@@ -11,7 +11,7 @@ from typing import Any
 
 from llmtune.data.converters import CONVERTERS, FORMAT_OPTIONS, RowError, column_shape
 from llmtune.data.raw import Record, hub_records, read_records
-from llmtune.data.registry import FORMATS, SHAPES, DatasetEntry, get_entry, resolve_path
+from llmtune.data.registry import FORMATS, SHAPES, DatasetEntry, get_entry, list_entries, resolve_path
 from llmtune.errors import ConfigError, DataError, hint
 
 log = logging.getLogger("llmtune.data")
@@ -236,3 +236,18 @@ def preview(
     """First `n` converted rows (all when n <= 0), for `llmtune data preview`; shape defaults to the
     natural one."""
     return load_rows(name, path, split=split, shape=shape, num_samples=n if n > 0 else None, **kwargs).rows
+
+
+def load_prompts(data: str, path: str | None, split: str = "train", n: int | None = None,
+                 extra_registries: list[str] | None = None) -> list[list[dict[str, str]]]:
+    """Prompts (canonical message lists) for generation commands (compare, eval policy, web UI).
+
+    `data` is a registry name, or a raw format (canonical, hh, ...) whose rows come from `path`."""
+    name, fmt = data, None
+    if data in FORMATS and data not in list_entries(extra_registries):
+        if not path:
+            raise ConfigError(f"--prompts {data}: a data format needs --path")
+        name, fmt = None, data
+    rows = load_rows(name, path, split=split, shape="prompt", num_samples=n, format=fmt,
+                     extra_registries=extra_registries).rows
+    return [r["prompt"] for r in rows]

@@ -58,8 +58,9 @@ def add_reward_accuracy(sub: Any) -> None:
 
 def cmd_policy(args: argparse.Namespace) -> int:
     from llmtune.config.schema import GenerationSection
+    from llmtune.data.load import load_prompts
     from llmtune.errors import ConfigError
-    from llmtune.eval.policy import compare, policy_prompts, reward_section
+    from llmtune.eval.policy import compare, reward_section
     from llmtune.rewards import build_reward
 
     if args.n < 1:
@@ -69,7 +70,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         section = reward_section(args.reward)
         reward = build_reward(section, "--reward")
-        prompts = policy_prompts(args.prompts, args.path, args.split, args.n, args.registry)
+        prompts = load_prompts(args.prompts, args.path, args.split, args.n, args.registry)
         result = compare(args.model, args.baseline, prompts, reward, gen, seed=args.seed,
                          batch_size=args.batch_size)
     print(json.dumps({"prompts": args.prompts or args.path, "split": args.split, "reward": args.reward, **result}))

@@ -62,18 +62,3 @@ def compare(model_ref: str, baseline_ref: str, prompts: list[list[dict[str, str]
                      for p, a, sa, b, sb in list(zip(prompts, answers["model"], scores["model"],
                                                      answers["baseline"], scores["baseline"]))[:3]],
     }
-
-
-def policy_prompts(data: str | None, path: str | None, split: str, n: int | None,
-                   registries: list[str] | None = None) -> list[list[dict[str, str]]]:
-    """Prompts (canonical message lists) from a data registry entry or a local file (`data` may name
-    a raw format such as canonical or hh when `path` is given)."""
-    from llmtune.data.load import load_rows
-    from llmtune.data.registry import FORMATS, list_entries
-
-    name, fmt = data, None
-    if data and path and data in FORMATS and data not in list_entries(registries):
-        name, fmt = None, data
-    rows = load_rows(name, path, split=split, shape="prompt", num_samples=n, format=fmt,
-                     extra_registries=registries).rows
-    return [r["prompt"] for r in rows]

@@ -71,19 +71,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from llmtune.data.load import load_rows
-    from llmtune.data.registry import FORMATS, list_entries
+    from llmtune.data.load import load_prompts
     from llmtune.serve.compare import compare
 
     if args.n < 1:
         raise ConfigError(f"-n: must be >= 1, got {args.n}")
-    name, fmt = args.prompts, None
-    if name in FORMATS and name not in list_entries():  # a raw format: the rows come from --path
-        if not args.path:
-            raise ConfigError(f"--prompts {name}: a data format needs --path")
-        name, fmt = None, args.prompts
-    rows = load_rows(name, args.path, split=args.split, shape="prompt", num_samples=args.n, format=fmt).rows
-    prompts = [r["prompt"] for r in rows]
+    prompts = load_prompts(args.prompts, args.path, args.split, args.n)
     out = Path(args.out)
     result = compare(args.models, prompts, _settings(args), seed=args.seed, judge=args.judge,
                      lower_is_better=args.lower_is_better, margin=args.tie_margin, out=out,
