@@ -244,6 +244,9 @@ def test_launch_shows_progress_curves_and_the_runs_list(client: Any, server: Ser
     assert "not running" in app_error(lambda: client.predict(quick_run, api_name="/stop_run"))
 
 
+LONG = 300  # steps of the run that is stopped and resumed
+
+
 def test_run_outlives_its_ui_then_stops_and_resumes(client: Any, server: Server, tmp_path: Path) -> None:
     """Launched from a second UI that is then killed: the run goes on, the first UI (reading only the
     disk) shows it, stops it with a checkpoint, and resumes it to completion."""
@@ -251,7 +254,8 @@ def test_run_outlives_its_ui_then_stops_and_resumes(client: Any, server: Server,
 
     other = start_server(server.workspace, tmp_path / "other.log")
     try:
-        text = quickstart(Client(other.url, auth=AUTH, verbose=False), max_steps=30, logging_steps=1, batch_size=2)
+        # Long enough that it cannot finish before the stop arrives, even on a quiet machine.
+        text = quickstart(Client(other.url, auth=AUTH, verbose=False), max_steps=LONG, logging_steps=1, batch_size=2)
         Client(other.url, auth=AUTH, verbose=False).predict("long", text, api_name="/launch_run")
     finally:
         other.proc.kill()
@@ -264,13 +268,13 @@ def test_run_outlives_its_ui_then_stops_and_resumes(client: Any, server: Server,
     stopped = wait_status(client, "long", ("interrupted", "completed", "failed", "dead"), 120)
     assert stopped["status"] == "interrupted", stopped
     step = stopped["run_json"]["summary"]["global_step"]
-    assert 2 <= step < 30 and (server.workspace / "runs" / "long" / "checkpoints" / f"checkpoint-{step}").is_dir()
+    assert 2 <= step < LONG and (server.workspace / "runs" / "long" / "checkpoints" / f"checkpoint-{step}").is_dir()
     assert "resuming" in client.predict("long", api_name="/resume_run")
     done = wait_status(client, "long", ("completed", "interrupted", "failed", "dead"), 300)
     assert done["status"] == "completed" and done["run_json"]["resumed"] == 1
-    assert done["run_json"]["summary"]["global_step"] == 30
+    assert done["run_json"]["summary"]["global_step"] == LONG
     steps = [json.loads(line)["step"] for line in (server.workspace / "runs" / "long" / "metrics.jsonl").open()]
-    assert steps == sorted(steps) and steps[-1] == 30
+    assert steps == sorted(steps) and steps[-1] == LONG
 
 
 # -- chat and feedback ---------------------------------------------------------------------------
