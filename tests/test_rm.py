@@ -72,7 +72,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, hh_sources: Path) -> dict[
     """One short rm run per architecture (and LoRA vs full), shared by the tests below."""
     runs = {}
     for model, finetuning in [("tiny-llama", "lora"), ("tiny-llama", "full"), ("tiny-t5", "lora"),
-                              ("minilm-l6", "full")]:
+                              ("tiny-t5", "full"), ("minilm-l6", "full")]:
         run = tmp_path_factory.mktemp("runs") / f"{model}-{finetuning}"
         summary = train(rm_recipe(model, finetuning, hh_sources), run)
         assert summary["status"] == "completed" and summary["global_step"] == 2
@@ -80,7 +80,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, hh_sources: Path) -> dict[
     return runs
 
 
-@pytest.mark.parametrize("name", ["tiny-llama-lora", "tiny-llama-full", "tiny-t5-lora", "minilm-l6-full"])
+@pytest.mark.parametrize("name", ["tiny-llama-lora", "tiny-llama-full", "tiny-t5-lora", "tiny-t5-full",
+                                  "minilm-l6-full"])
 def test_rm_trains_saves_reloads_and_scores_like_training(trained: dict[str, Path], hh_sources: Path,
                                                           name: str) -> None:
     run = trained[name]

@@ -138,6 +138,21 @@ def test_rs_tiny_t5_full_rising_percentile(tmp_path: Path) -> None:
     assert all(torch.equal(v.cpu(), final[k].cpu()) for k, v in fresh.state_dict().items())
 
 
+@pytest.mark.parametrize(("model", "finetuning"), [("tiny-llama", "full"), ("tiny-gptj", "lora"), ("tiny-t5", "lora")])
+def test_rs_other_architectures_and_methods(tmp_path: Path, model: str, finetuning: str) -> None:
+    """The rest of the model x method grid: one round, best-of-n kept, saved, reloads and generates."""
+    run = tmp_path / "rs"
+    r = recipe_from_dict(recipe(model, finetuning, LENGTH, iterations=1))
+    assert train(r, run)["status"] == "completed"
+    _, kept, _ = check_round(run, 1, 8, 3)
+    assert len(kept) == 8
+    loaded, tok, spec = load_for_inference(str(run))
+    assert bool(spec.adapter) == (finetuning == "lora")
+    out = generate(loaded, tok, ChatTemplate.get(spec.template), spec.kind or "causal",
+                   [[{"role": "user", "content": "Hi"}]], GenerationSection(max_new_tokens=4, do_sample=False))
+    assert isinstance(out[0][0], str)
+
+
 def test_select_threshold_and_percentile() -> None:
     samples = [{"index": i, "prompt": [], "responses": ["a", "b"], "scores": s}
                for i, s in enumerate([[0.1, 0.9], [0.5, 0.2], [0.3, 0.3], [-1.0, 0.0]])]
