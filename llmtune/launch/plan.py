@@ -44,36 +44,6 @@ QLORA_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 nibbles + 8-bit absmax per 64
 FIT_FRACTION = 0.9
 STAGE_SHAPE = {"sft": "sft", "rm": "preference", "dpo": "preference", "rs": "prompt", "ppo": "prompt"}
 
-# Published config.json values of the registry's hub models, so plan works offline.
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "meta-llama/Llama-2-7b-hf": {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
-                                 "num_attention_heads": 32, "num_key_value_heads": 32,
-                                 "intermediate_size": 11008, "vocab_size": 32000},
-    "meta-llama/Llama-2-13b-hf": {"model_type": "llama", "hidden_size": 5120, "num_hidden_layers": 40,
-                                  "num_attention_heads": 40, "num_key_value_heads": 40,
-                                  "intermediate_size": 13824, "vocab_size": 32000},
-    "EleutherAI/gpt-j-6b": {"model_type": "gptj", "n_embd": 4096, "n_layer": 28, "n_head": 16, "n_inner": None,
-                            "vocab_size": 50400},
-    "google/flan-t5-small": {"model_type": "t5", "d_model": 512, "d_ff": 1024, "d_kv": 64, "num_heads": 6,
-                             "num_layers": 8, "num_decoder_layers": 8, "feed_forward_proj": "gated-gelu",
-                             "vocab_size": 32128, "tie_word_embeddings": False},
-    "google/flan-t5-base": {"model_type": "t5", "d_model": 768, "d_ff": 2048, "d_kv": 64, "num_heads": 12,
-                            "num_layers": 12, "num_decoder_layers": 12, "feed_forward_proj": "gated-gelu",
-                            "vocab_size": 32128, "tie_word_embeddings": False},
-    "google/flan-t5-large": {"model_type": "t5", "d_model": 1024, "d_ff": 2816, "d_kv": 64, "num_heads": 16,
-                             "num_layers": 24, "num_decoder_layers": 24, "feed_forward_proj": "gated-gelu",
-                             "vocab_size": 32128, "tie_word_embeddings": False},
-    "google/flan-t5-xl": {"model_type": "t5", "d_model": 2048, "d_ff": 5120, "d_kv": 64, "num_heads": 32,
-                          "num_layers": 24, "num_decoder_layers": 24, "feed_forward_proj": "gated-gelu",
-                          "vocab_size": 32128, "tie_word_embeddings": False},
-    "sentence-transformers/all-MiniLM-L6-v2": {"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 6,
-                                               "num_attention_heads": 12, "intermediate_size": 1536,
-                                               "vocab_size": 30522, "max_position_embeddings": 512,
-                                               "type_vocab_size": 2},
-}
-KNOWN_CONFIGS["meta-llama/Llama-2-7b-chat-hf"] = KNOWN_CONFIGS["meta-llama/Llama-2-7b-hf"]
-KNOWN_CONFIGS["meta-llama/Llama-2-13b-chat-hf"] = KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"]
-
 
 @dataclass
 class Linear:
@@ -200,8 +170,8 @@ def model_config(spec: ModelSpec) -> tuple[dict[str, Any], str]:
         cached = _hub_cache_config(spec.hub_id)
         if cached:
             return json.loads(cached.read_text()), str(cached)
-        if spec.hub_id in KNOWN_CONFIGS:
-            return dict(KNOWN_CONFIGS[spec.hub_id]), f"published config of {spec.hub_id}"
+        if spec.extra.get("config"):  # the registry carries the published config (models.yaml)
+            return dict(spec.extra["config"]), f"published config of {spec.hub_id}"
     raise ConfigError(f"model.name: no config.json for '{spec.name}' here (not a local directory, not in the "
                       "hub cache); download it or point model.name at a local copy to plan with it")
 

@@ -84,6 +84,7 @@ def _from_entry(name: str, entry: dict[str, Any]) -> ModelSpec:
         name=name, kind=entry["kind"], template=entry["template"], lora_targets=entry.get("lora_targets", "all-linear"),
         context_length=entry.get("context_length"), dtype=entry.get("dtype", "float32"), hub_id=entry.get("hub_id"),
         path=path, tiny=bool(entry.get("tiny")), params=entry.get("params"), description=entry.get("description", ""),
+        extra={"config": entry["config"]} if entry.get("config") else {},
     )
 
 
