@@ -27,13 +27,13 @@ DEMO = ROOT / "llmtune" / "data" / "demo" / "quickstart.jsonl"
 
 
 def char_fraction(responses: list[str], chars: str = "0123456789") -> list[float]:
-    """The same reward as llmtune.ppo.rewards_demo:char_fraction."""
-    allowed = set(chars)
-    out = []
-    for text in responses:
-        visible = [c for c in text if not c.isspace()]
-        out.append(sum(c in allowed for c in visible) / len(visible) if visible else 0.0)
-    return out
+    """llmtune.ppo.rewards_demo:char_fraction itself, loaded by path (llmtune is not installed here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rewards_demo", ROOT / "llmtune" / "ppo" / "rewards_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.char_fraction([[]] * len(responses), responses, chars)
 
 
 def prompts() -> list[str]:

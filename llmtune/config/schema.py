@@ -72,6 +72,10 @@ class DatasetSection:
     options: dict[str, Any] = _f(doc="Converter options (e.g. min_score_ratio for shp, lang for oasst).", factory=dict)
 
 
+# The keys of one dataset entry (data.* or data.datasets[i].*) that the data loader takes.
+DATASET_FIELDS = tuple(f.name for f in dataclasses.fields(DatasetSection))
+
+
 @dataclass
 class DataSection(DatasetSection):
     datasets: list[DatasetSection] | None = _f(None, doc="A list of dataset entries to mix (instead of name/path).")

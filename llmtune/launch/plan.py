@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmtune.config.schema import Recipe
+from llmtune.config.schema import DATASET_FIELDS, Recipe
 from llmtune.errors import ConfigError, DataError
 from llmtune.registry.models import ModelSpec, resolve_model
 
@@ -191,8 +191,6 @@ def count_rows(recipe: Recipe) -> list[dict[str, Any]]:
     from llmtune.data.registry import get_entry
 
     d = recipe.data
-    fields = ("name", "path", "split", "eval_split", "eval_fraction", "num_samples", "weight", "format",
-              "columns", "subset", "options")
     out = []
     for i, src in enumerate(d.datasets or [d]):
         entry = get_entry(src.name, d.registry) if src.name else None
@@ -208,7 +206,7 @@ def count_rows(recipe: Recipe) -> list[dict[str, Any]]:
         if hub:  # cached: read it without touching the network
             os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        spec = {k: getattr(src, k) for k in fields}
+        spec = {k: getattr(src, k) for k in DATASET_FIELDS}
         try:
             train, evals = load_mixture([spec], shape=STAGE_SHAPE[recipe.stage], seed=recipe.training.seed,
                                         extra_registries=d.registry)

@@ -6,10 +6,11 @@ Used by `recipes/ppo-quickstart.yaml` as `reward.function: llmtune.ppo.rewards_d
 
 from __future__ import annotations
 
-from llmtune.data.templates import Message
+# No llmtune imports: benchmarks/ppo_trl011_baseline.py loads this file by path in a virtualenv
+# without llmtune, so both PPO implementations are scored by the very same function.
 
 
-def char_fraction(prompts: list[list[Message]], responses: list[str], chars: str = "0123456789") -> list[float]:
+def char_fraction(prompts: list[list[dict[str, str]]], responses: list[str], chars: str = "0123456789") -> list[float]:
     """Fraction of a response's non-space characters that are in `chars` (0 for an empty response).
 
     A random-init model emits digits ~1% of the time; PPO has to push the whole output

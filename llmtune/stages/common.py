@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from llmtune.config.schema import Recipe
+from llmtune.config.schema import DATASET_FIELDS, Recipe
 from llmtune.registry.models import ModelSpec
 from llmtune.runs.rundir import RunDir, StopFlag
 
@@ -200,10 +200,7 @@ def data_rows(recipe: Recipe, shape: str) -> tuple[list[dict[str, Any]], list[di
     from llmtune.data.load import load_mixture
 
     d = recipe.data
-    fields = ("name", "path", "split", "eval_split", "eval_fraction", "num_samples", "weight", "format",
-              "columns", "subset", "options")
-    sources = d.datasets or [d]
-    specs = [{k: getattr(s, k) for k in fields} for s in sources]
+    specs = [{k: getattr(s, k) for k in DATASET_FIELDS} for s in d.datasets or [d]]
     return load_mixture(specs, shape=shape, seed=recipe.training.seed, extra_registries=d.registry)
 
 
