@@ -16,6 +16,7 @@ from llmtune.config.schema import RewardSection
 from llmtune.data.templates import ChatTemplate
 from llmtune.errors import ConfigError
 from llmtune.modeling.load import load_for_inference, load_tokenizer
+from llmtune.modeling.pooling import MeanPooledClassifier
 from llmtune.registry.models import resolve_model
 from llmtune.rewards.reward_model import RewardModelScorer, encode_reward_input, pairwise_stats
 from llmtune.stages.common import data_rows
@@ -53,9 +54,10 @@ def hh_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def rm_recipe(model: str, finetuning: str, path: Path, **extra: Any) -> Any:
+def rm_recipe(model: str, finetuning: str, path: Path, pooling: str = "auto", **extra: Any) -> Any:
     return recipe_from_dict({
         "stage": "rm",
+        "rm": {"pooling": pooling},
         "model": {"name": model, "finetuning": finetuning, "lora": {"r": 4, "alpha": 8}},
         "data": {"name": "hh", "path": str(path), "eval_fraction": 0.4, "max_length": 64},
         "training": {"max_steps": 2, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3, "save_steps": 100,
@@ -72,7 +74,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, hh_sources: Path) -> dict[
     """One short rm run per architecture (and LoRA vs full), shared by the tests below."""
     runs = {}
     for model, finetuning in [("tiny-llama", "lora"), ("tiny-llama", "full"), ("tiny-t5", "lora"),
-                              ("tiny-t5", "full"), ("minilm-l6", "full")]:
+                              ("tiny-t5", "full"), ("minilm-l6", "full"), ("minilm-l6", "lora")]:
         run = tmp_path_factory.mktemp("runs") / f"{model}-{finetuning}"
         summary = train(rm_recipe(model, finetuning, hh_sources), run)
         assert summary["status"] == "completed" and summary["global_step"] == 2
@@ -81,7 +83,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, hh_sources: Path) -> dict[
 
 
 @pytest.mark.parametrize("name", ["tiny-llama-lora", "tiny-llama-full", "tiny-t5-lora", "tiny-t5-full",
-                                  "minilm-l6-full"])
+                                  "minilm-l6-full", "minilm-l6-lora"])
 def test_rm_trains_saves_reloads_and_scores_like_training(trained: dict[str, Path], hh_sources: Path,
                                                           name: str) -> None:
     run = trained[name]
@@ -95,8 +97,11 @@ def test_rm_trains_saves_reloads_and_scores_like_training(trained: dict[str, Pat
     assert (run / "model" / ("adapter_config.json" if name.endswith("lora") else "config.json")).exists()
 
     model, _, spec = load_for_inference(str(run))
-    assert type(model).__name__.endswith("ForSequenceClassification") or \
-        type(model.base_model.model).__name__.endswith("ForSequenceClassification")
+    inner = model.base_model.model if name.endswith("lora") else model
+    if name.startswith("minilm"):  # a sentence encoder: the registry's mean-pooled head
+        assert meta["pooling"] == "mean" and isinstance(inner, MeanPooledClassifier)
+    else:
+        assert meta["pooling"] == "architecture" and type(inner).__name__.endswith("ForSequenceClassification")
 
     # The scorer on the saved model reproduces the trainer's last evaluation exactly.
     recipe = rm_recipe(name.rsplit("-", 1)[0], name.rsplit("-", 1)[1], hh_sources)
@@ -117,10 +122,29 @@ def test_scores_do_not_depend_on_batching(trained: dict[str, Path]) -> None:
     """Padding to a batch's longest input must not change a reward (attention masks, last-token reads)."""
     prompt = [{"role": "user", "content": "How do I boil an egg?"}]
     responses = ["Nine minutes.", "Put it in boiling water for nine minutes, then cool it in cold water.", ""]
-    for name in ("tiny-llama-lora", "tiny-t5-lora", "minilm-l6-full"):
+    for name in ("tiny-llama-lora", "tiny-t5-lora", "minilm-l6-full", "minilm-l6-lora"):
         one = RewardModelScorer(RewardSection(type="reward_model", model=str(trained[name]), batch_size=1))
         many = RewardModelScorer(RewardSection(type="reward_model", model=str(trained[name]), batch_size=8))
         assert one.score([prompt] * 3, responses) == pytest.approx(many.score([prompt] * 3, responses), abs=1e-5)
+
+
+def test_pooling_choice_is_trained_saved_and_reloaded(tmp_path: Path, hh_sources: Path) -> None:
+    """rm.pooling overrides the registry: MiniLM with its [CLS] head, and mean pooling on an encoder only."""
+    run = tmp_path / "cls"
+    assert train(rm_recipe("minilm-l6", "full", hh_sources, pooling="architecture"), run)["status"] == "completed"
+    assert json.loads((run / "model" / "llmtune.json").read_text())["pooling"] == "architecture"
+    model, _, _ = load_for_inference(str(run))
+    assert type(model).__name__ == "BertForSequenceClassification"
+
+    # The mean head reads every unpadded token: a masked mean, so padding never moves a score.
+    mean_model, tok, _ = load_for_inference("minilm-l6", head="classifier")
+    assert isinstance(mean_model, MeanPooledClassifier) and mean_model.backbone.pooler is None
+    batch = tok(["short", "a much longer text than the first one"], padding=True, return_tensors="pt")
+    alone = tok(["short"], return_tensors="pt")
+    assert mean_model(**batch).logits[0].item() == pytest.approx(mean_model(**alone).logits[0].item(), abs=1e-5)
+
+    with pytest.raises(ConfigError, match="rm.pooling: mean pooling is for encoder models"):
+        rm_recipe("tiny-llama", "lora", hh_sources, pooling="mean")
 
 
 def test_long_pairs_are_trimmed_from_the_left_not_dropped(trained: dict[str, Path], hh_sources: Path) -> None:

@@ -149,6 +149,11 @@ class RewardSection:
 @dataclass
 class RmSection:
     center_rewards: float | None = _f(None, doc="Coefficient of the auxiliary loss pushing rewards to zero mean.", ge=0)
+    pooling: Literal["auto", "architecture", "mean"] = _f(
+        "auto", doc="What the reward head reads. architecture: transformers' own sequence-classification head "
+        "(the [CLS] pooler for BERT-style encoders, the last token for causal LMs, the EOS state for T5); mean: the "
+        "masked mean of an encoder's token states, as sentence encoders were trained (encoder models only); auto: "
+        "the model registry's choice (mean for minilm-l6), else architecture.")
 
 
 @dataclass
@@ -446,6 +451,9 @@ def check(recipe: Recipe, source: str = "recipe", base_dir: Path | None = None,
         if data.max_prompt_length is not None and data.max_prompt_length >= data.max_length:
             errors.append(f"data.max_prompt_length: {data.max_prompt_length} leaves no room for the responses; "
                           f"it must be smaller than data.max_length ({data.max_length})")
+    if recipe.stage == "rm" and recipe.rm.pooling == "mean" and spec is not None and spec.kind not in (None, "encoder"):
+        errors.append(f"rm.pooling: mean pooling is for encoder models; '{recipe.model.name}' is {spec.kind} "
+                      "(use pooling: architecture)")
     if spec is not None and spec.kind == "encoder" and recipe.stage != "rm":
         errors.append(f"model.name: '{recipe.model.name}' is an encoder-only model; it can only be trained "
                       "with stage: rm")

@@ -90,22 +90,37 @@ def _auto_class(head: str) -> Any:
             "classifier": transformers.AutoModelForSequenceClassification}[head]
 
 
-def _from_pretrained(head: str, ref: str, **kwargs: Any) -> Any:
+def _from_pretrained(head: str, ref: str, pooling: str | None = None, **kwargs: Any) -> Any:
     try:
+        if head == "classifier" and pooling == "mean":
+            from llmtune.modeling.pooling import MeanPooledClassifier
+
+            return MeanPooledClassifier.load(ref, **kwargs)
         return _auto_class(head).from_pretrained(ref, **kwargs)
     except OSError as exc:
         raise _hub_error(ref, exc) from None
 
 
-def _load_weights(spec: ModelSpec, head: str, kwargs: dict[str, Any], merge_top: bool) -> Any:
-    """Base weights with the chain of earlier adapters applied (merged, except maybe the last)."""
+def _load_weights(spec: ModelSpec, head: str, kwargs: dict[str, Any], merge_top: bool,
+                  pooling: str | None = None) -> Any:
+    """Base weights with the chain of earlier adapters applied (merged, except maybe the last).
+
+    pooling: the reward head's pooling for the whole chain (the top model's, see `head_pooling`)."""
     from peft import PeftModel
 
     if spec.adapter and spec.base is not None:
-        model = _load_weights(spec.base, head, kwargs, merge_top=True)
+        model = _load_weights(spec.base, head, kwargs, merge_top=True, pooling=pooling)
         model = PeftModel.from_pretrained(model, spec.adapter)
         return model.merge_and_unload() if merge_top else model
-    return _from_pretrained(head, spec.location(), **kwargs)
+    return _from_pretrained(head, spec.location(), pooling=pooling, **kwargs)
+
+
+def head_pooling(recipe: Recipe, spec: ModelSpec) -> str | None:
+    """The pooling of an rm stage's reward head: the recipe's rm.pooling, else the spec's (registry
+    default, or what an earlier rm run trained with)."""
+    if recipe.rm.pooling != "auto":
+        return "mean" if recipe.rm.pooling == "mean" else None
+    return spec.pooling if spec.pooling == "mean" else None
 
 
 def load_for_training(recipe: Recipe, head: str | None = None, spec: ModelSpec | None = None,
@@ -140,8 +155,10 @@ def load_for_training(recipe: Recipe, head: str | None = None, spec: ModelSpec |
         # Quantised weights cannot be moved after loading: each DDP rank loads onto its own GPU
         # (without this every rank would quantise onto GPU 0).
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if head == "classifier":
+        spec.pooling = head_pooling(recipe, spec)  # what this model is, and what save_model records
     # Start from an earlier run's adapted weights merged in: they become the new frozen base.
-    model = _load_weights(spec, head, kwargs, merge_top=True)
+    model = _load_weights(spec, head, kwargs, merge_top=True, pooling=spec.pooling if head == "classifier" else None)
     if head == "classifier" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     if mcfg.finetuning == "qlora":
@@ -175,7 +192,7 @@ def load_for_inference(ref: str, head: str | None = None, dtype: str = "auto") -
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype, spec)}
     if head == "classifier":
         kwargs["num_labels"] = 1
-    model = _load_weights(spec, head, kwargs, merge_top=False)
+    model = _load_weights(spec, head, kwargs, merge_top=False, pooling=spec.pooling if head == "classifier" else None)
     if head == "classifier" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     model.to(device()).eval()
@@ -205,6 +222,8 @@ def save_model(model: Any, tok: Any, out: Path, spec: ModelSpec, recipe: Recipe,
         "stage": recipe.stage,
         "base": portable_ref(base) if recipe.model.finetuning != "full" else None,
     }
+    if head == "classifier":
+        meta["pooling"] = spec.pooling or "architecture"
     if spec.adapter and recipe.model.finetuning != "full":
         # The new adapter sits on base+earlier adapter merged; record the chain to rebuild it.
         meta["base"] = spec.adapter

@@ -43,6 +43,7 @@ class ModelSpec:
     base: ModelSpec | None = None
     params: float | None = None
     description: str = ""
+    pooling: str | None = None  # reward heads: "mean" (modeling/pooling.py) or None (the architecture's own)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def location(self) -> str:
@@ -84,7 +85,7 @@ def _from_entry(name: str, entry: dict[str, Any]) -> ModelSpec:
         name=name, kind=entry["kind"], template=entry["template"], lora_targets=entry.get("lora_targets", "all-linear"),
         context_length=entry.get("context_length"), dtype=entry.get("dtype", "float32"), hub_id=entry.get("hub_id"),
         path=path, tiny=bool(entry.get("tiny")), params=entry.get("params"), description=entry.get("description", ""),
-        extra={"config": entry["config"]} if entry.get("config") else {},
+        pooling=entry.get("pooling"), extra={"config": entry["config"]} if entry.get("config") else {},
     )
 
 
@@ -114,7 +115,8 @@ def _from_directory(name: str, path: Path, template: str | None) -> ModelSpec:
         base = resolve_model(base_ref, template=template)
         return ModelSpec(name=name, kind=meta.get("kind") or base.kind, template=template or meta.get("template")
                          or base.template, lora_targets=base.lora_targets, context_length=base.context_length,
-                         dtype=base.dtype, path=str(path), adapter=str(path), base=base, extra=meta)
+                         dtype=base.dtype, path=str(path), adapter=str(path), base=base, pooling=meta.get("pooling"),
+                         extra=meta)
     if not (path / "config.json").exists():
         raise ConfigError(f"{path}: not a model directory (no config.json or adapter_config.json)")
     config = json.loads((path / "config.json").read_text())
@@ -122,7 +124,7 @@ def _from_directory(name: str, path: Path, template: str | None) -> ModelSpec:
     default_template = "flan" if kind == "seq2seq" else "hh" if kind == "encoder" else "plain"
     return ModelSpec(name=name, kind=kind, template=template or meta.get("template") or default_template,
                      context_length=config.get("max_position_embeddings") or config.get("n_positions"),
-                     path=str(path), extra=meta)
+                     path=str(path), pooling=meta.get("pooling"), extra=meta)
 
 
 def resolve_model(name: str, template: str | None = None) -> ModelSpec:
