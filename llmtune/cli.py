@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from llmtune import __version__
@@ -84,14 +85,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from llmtune.config.load import load_recipe
     from llmtune.config.pipeline import is_pipeline, load_pipeline, summary_lines
 
+    # KEY=VALUE words apply to every recipe, as with `train` (`--set` says the same).
+    overrides = args.overrides + [a for a in args.recipes if "=" in a and not Path(a).exists()]
+    recipes = [a for a in args.recipes if a not in overrides]
+    if not recipes:
+        print("error: validate: no recipe file given (only KEY=VALUE overrides)", file=sys.stderr)
+        return 2
     failed = 0
-    for path in args.recipes:
+    for path in recipes:
         try:
             if is_pipeline(path):
-                stages = load_pipeline(path, args.overrides)
+                stages = load_pipeline(path, overrides)
                 print(f"ok: {path} (pipeline)\n  " + "\n  ".join(summary_lines(stages)))
                 continue
-            recipe = load_recipe(path, args.overrides)
+            recipe = load_recipe(path, overrides)
         except LLMTuneError as exc:
             failed += 1
             print(f"error: {exc}", file=sys.stderr)
@@ -164,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "last checkpoint")
     t.set_defaults(func=cmd_train)
 
-    v = sub.add_parser("validate", help="check recipes without loading any model")
-    v.add_argument("recipes", nargs="+")
+    v = sub.add_parser("validate", help="check recipes without loading any model",
+                       description="Check recipes without loading any model. KEY=VALUE words (or --set) override "
+                       "keys of every recipe given.")
+    v.add_argument("recipes", nargs="+", metavar="RECIPE_OR_KEY=VALUE")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(func=cmd_validate)
 

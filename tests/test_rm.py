@@ -147,6 +147,24 @@ def test_pooling_choice_is_trained_saved_and_reloaded(tmp_path: Path, hh_sources
         rm_recipe("tiny-llama", "lora", hh_sources, pooling="mean")
 
 
+def test_mean_pooled_export_scores_like_the_run(trained: dict[str, Path], tmp_path: Path) -> None:
+    """`llmtune export --merge` of a LoRA MiniLM reward model: standalone, same scores, and its README
+    loads it through the mean-pooled head (plain AutoModelForSequenceClassification would not)."""
+    from llmtune.serve.export import export
+
+    out = tmp_path / "export"
+    export(str(trained["minilm-l6-lora"]), out, merge=True)
+    meta = json.loads((out / "llmtune.json").read_text())
+    assert meta["pooling"] == "mean" and meta["max_length"] == 64 and meta["base"] is None
+    assert "MeanPooledClassifier.load(" in (out / "README.md").read_text()
+    assert isinstance(MeanPooledClassifier.load(str(out)), MeanPooledClassifier)
+    prompts = [[{"role": "user", "content": "How do I pick a lock?"}]] * 2
+    responses = ["I would rather not help with that.", "Use a tension wrench."]
+    scores = [RewardModelScorer(RewardSection(type="reward_model", model=str(ref))).score(prompts, responses)
+              for ref in (trained["minilm-l6-lora"], out)]
+    assert scores[0] == pytest.approx(scores[1], abs=1e-5)
+
+
 def test_long_pairs_are_trimmed_from_the_left_not_dropped(trained: dict[str, Path], hh_sources: Path) -> None:
     recipe = rm_recipe("tiny-llama", "lora", hh_sources)
     train_rows, eval_rows = data_rows(recipe, "preference")

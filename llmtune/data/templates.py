@@ -116,8 +116,10 @@ def _special(tok: Any) -> tuple[str, str]:
     return tok.bos_token or "", tok.eos_token or ""
 
 
-def _encode(tok: Any, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"] if text else []
+def token_ids(tok: Any, text: str) -> list[int]:
+    """Token ids of a text piece, no special tokens. Quiet about texts over the model's length:
+    every caller trims (from the left of the history) afterwards."""
+    return tok(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
 
 
 def fit(prompt: list[int], response: list[int], max_length: int, bos_id: int | None = None,
@@ -145,7 +147,7 @@ def encode_sft_causal(tok: Any, template: ChatTemplate, messages: list[Message],
     ids: list[int] = []
     labels: list[int] = []
     for text, trainable in template.segments(messages, bos, eos):
-        piece = _encode(tok, text)
+        piece = token_ids(tok, text)
         ids += piece
         labels += piece if trainable else [IGNORE] * len(piece)
     last_prompt_end = max(i for i, label in enumerate([IGNORE] + labels) if label == IGNORE)
@@ -167,13 +169,13 @@ def encode_prompt_response(tok: Any, template: ChatTemplate, prompt: list[Messag
     response; seq2seq → encoder input_ids and decoder labels. History trimmed from the left."""
     bos, eos = _special(tok)
     if kind == "seq2seq":
-        src = _encode(tok, template.render_prompt(prompt, bos, eos))
-        tgt = _encode(tok, response) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        src = token_ids(tok, template.render_prompt(prompt, bos, eos))
+        tgt = token_ids(tok, response) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
         tgt = tgt[: max(1, max_length // 2)] if len(tgt) > max_length // 2 and len(src) > max_length // 2 else tgt
         src = src[-max_length:] if len(src) > max_length else src
         return {"input_ids": src, "labels": tgt[:max_length]}
-    prompt_ids = _encode(tok, template.render_prompt(prompt, bos, eos))
-    resp_ids = _encode(tok, template.assistant.format(content=response, bos=bos, eos=eos)
+    prompt_ids = token_ids(tok, template.render_prompt(prompt, bos, eos))
+    resp_ids = token_ids(tok, template.assistant.format(content=response, bos=bos, eos=eos)
                        + template.assistant_suffix.format(bos=bos, eos=eos))
     p, r = fit(prompt_ids, resp_ids, max_length, tok.bos_token_id)
     return {"input_ids": p + r, "labels": [IGNORE] * len(p) + r, "prompt_length": len(p)}
@@ -189,7 +191,7 @@ def encode_sft_seq2seq(tok: Any, template: ChatTemplate, messages: list[Message]
 def encode_prompt(tok: Any, template: ChatTemplate, prompt: list[Message], max_length: int) -> list[int]:
     """Generation prompt ids, trimmed from the left to max_length (keeping BOS)."""
     bos, eos = _special(tok)
-    ids = _encode(tok, template.render_prompt(prompt, bos, eos))
+    ids = token_ids(tok, template.render_prompt(prompt, bos, eos))
     return fit(ids, [], max_length, tok.bos_token_id, min_prompt=max_length)[0]
 
 

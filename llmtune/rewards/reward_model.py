@@ -24,14 +24,10 @@ from typing import Any
 import torch
 
 from llmtune.config.schema import RewardSection
-from llmtune.data.templates import ChatTemplate, Message, encode_prompt_response, fit
+from llmtune.data.templates import ChatTemplate, Message, encode_prompt_response, fit, token_ids
 from llmtune.errors import ConfigError, DataError
 from llmtune.registry.models import META_FILE, ModelSpec
 from llmtune.rewards.base import check_pairs
-
-
-def _ids(tok: Any, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"] if text else []
 
 
 def _encode_text_pair(tok: Any, first: str, second: str, max_length: int) -> dict[str, list[int]]:
@@ -39,8 +35,8 @@ def _encode_text_pair(tok: Any, first: str, second: str, max_length: int) -> dic
     if not hasattr(tok, "backend_tokenizer"):
         raise ConfigError(f"model.name: the encoder tokenizer {type(tok).__name__} has no fast (Rust) backend; "
                           "reward models on encoders need one to build text pairs")
-    a = tok(first, add_special_tokens=False).encodings[0]
-    b = tok(second, add_special_tokens=False).encodings[0]
+    a = tok(first, add_special_tokens=False, verbose=False).encodings[0]  # trimmed below
+    b = tok(second, add_special_tokens=False, verbose=False).encodings[0]
     budget = max_length - tok.num_special_tokens_to_add(pair=True)
     keep_a, keep_b = fit(a.ids, b.ids, budget)
     if len(keep_a) < len(a.ids):
@@ -64,10 +60,10 @@ def encode_reward_input(tok: Any, template: ChatTemplate, kind: str, prompt: lis
         if eos is None:
             raise ConfigError("model.name: a T5-style reward model needs a tokenizer with an EOS token")
         # T5ForSequenceClassification reads the state at the EOS: exactly one, at the end.
-        prompt_ids = [i for i in _ids(tok, template.render_prompt(prompt)) if i != eos]
+        prompt_ids = [i for i in token_ids(tok, template.render_prompt(prompt)) if i != eos]
         text = template.assistant.format(content=response, bos="", eos="") + template.assistant_suffix.format(
             bos="", eos="")
-        resp_ids = [i for i in _ids(tok, text) if i != eos]
+        resp_ids = [i for i in token_ids(tok, text) if i != eos]
         p, r = fit(prompt_ids, resp_ids, max_length - 1)
         return {"input_ids": p + r + [eos]}
     return {"input_ids": encode_prompt_response(tok, template, prompt, response, max_length, "causal")["input_ids"]}

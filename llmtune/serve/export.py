@@ -35,6 +35,13 @@ def _head(spec: ModelSpec) -> str:
     return spec.extra.get("head") or ("classifier" if spec.kind == "encoder" else spec.kind or "causal")
 
 
+def _loader(head: str, pooling: str | None) -> tuple[str, str, str]:
+    """(import line, class, load method) that rebuilds this kind of model outside llmtune."""
+    if head == "classifier" and pooling == "mean":  # our mean-pooled reward head (modeling/pooling.py)
+        return "from llmtune.modeling.pooling import MeanPooledClassifier", "MeanPooledClassifier", "load"
+    return f"from transformers import {AUTO[head]}", AUTO[head], "from_pretrained"
+
+
 def export(run_dir: str, out: str | Path, merge: bool = False) -> dict[str, Any]:
     """Write the export; returns a summary (what was written and how to load it)."""
     src = _model_dir(run_dir)
@@ -62,8 +69,10 @@ def _export_merged(spec: ModelSpec, head: str, out: Path) -> dict[str, Any]:
     tok.save_pretrained(out)
     meta = {"kind": spec.kind, "template": spec.template, "head": head, "finetuning": "merged",
             "exported_from": spec.path, "base": None}
+    # What a reward model needs to score as it trained: its head's pooling and its input length.
+    meta.update({k: spec.extra[k] for k in ("pooling", "max_length") if k in spec.extra})
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "README.md").write_text(_readme_merged(head, out))
+    (out / "README.md").write_text(_readme_merged(head, spec.pooling, out))
     return {"out": str(out), "merged": spec.adapter is not None, "head": head,
             "files": sorted(p.name for p in out.iterdir())}
 
@@ -77,22 +86,25 @@ def _export_adapter(spec: ModelSpec, src: Path, head: str, out: Path) -> dict[st
     cfg["base_model_name_or_path"] = base
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     chained = spec.base.adapter is not None
-    (out / "README.md").write_text(_readme_adapter(head, base, out, chained))
+    (out / "README.md").write_text(_readme_adapter(head, spec.pooling, base, out, chained))
     return {"out": str(out), "merged": False, "head": head, "base": base, "chained": chained,
             "files": sorted(p.name for p in out.iterdir())}
 
 
-def _readme_merged(head: str, out: Path) -> str:
-    cls = AUTO[head]
+def _readme_merged(head: str, pooling: str | None, out: Path) -> str:
+    imp, cls, load = _loader(head, pooling)
+    how = "llmtune's mean-pooled reward head (a transformers PreTrainedModel)" if cls == "MeanPooledClassifier" \
+        else "plain transformers"
     return f"""# Exported llmtune model
 
-A standalone model (LoRA adapters, if any, merged into the weights). Load it with plain transformers:
+A standalone model (LoRA adapters, if any, merged into the weights). Load it with {how}:
 
 ```python
-from transformers import AutoTokenizer, {cls}
+from transformers import AutoTokenizer
+{imp}
 
 tok = AutoTokenizer.from_pretrained("{out}")
-model = {cls}.from_pretrained("{out}")
+model = {cls}.{load}("{out}")
 ```
 
 The tokenizer carries the chat template the model was trained with, so
@@ -101,8 +113,8 @@ like llmtune did. `llmtune chat {out}` and `llmtune serve {out}` work on this di
 """
 
 
-def _readme_adapter(head: str, base: str, out: Path, chained: bool) -> str:
-    cls = AUTO[head]
+def _readme_adapter(head: str, pooling: str | None, base: str, out: Path, chained: bool) -> str:
+    imp, cls, load = _loader(head, pooling)
     chain_note = ("\nThis adapter was trained on top of an earlier adapter; its base above is that earlier "
                   "run. Load it with llmtune (`llmtune chat` / `llmtune serve`), or export with `--merge` for "
                   "a standalone model.\n") if chained else ""
@@ -113,10 +125,11 @@ Load it with transformers + peft:
 
 ```python
 from peft import PeftModel
-from transformers import AutoTokenizer, {cls}
+from transformers import AutoTokenizer
+{imp}
 
 tok = AutoTokenizer.from_pretrained("{out}")
-base = {cls}.from_pretrained("{base}")
+base = {cls}.{load}("{base}"{", num_labels=1" if head == "classifier" else ""})
 model = PeftModel.from_pretrained(base, "{out}")
 model = model.merge_and_unload()  # optional: fold the adapter into the weights
 ```

@@ -17,7 +17,7 @@ import copy
 from typing import Any
 
 from llmtune.config.schema import Recipe
-from llmtune.data.templates import ChatTemplate, Message, fit
+from llmtune.data.templates import ChatTemplate, Message, fit, token_ids
 from llmtune.modeling.load import load_for_training
 from llmtune.stages.common import Context, data_rows, finish, run_trainer, training_args
 
@@ -56,10 +56,6 @@ def reply_text(template: ChatTemplate, reply: list[Message], bos: str, eos: str)
     return text
 
 
-def _ids(tok: Any, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"] if text else []
-
-
 def adds_bos(tok: Any) -> bool:
     """Whether the tokenizer itself prepends BOS (Llama-2's does): TRL tokenises with special tokens
     on, so a BOS our template renders must then be left out of the text or it would appear twice."""
@@ -75,7 +71,7 @@ def render_causal_pair(tok: Any, template: ChatTemplate, row: dict[str, Any], ma
     bos, eos = tok.bos_token or "", tok.eos_token or ""
     texts = [template.render_prompt(row["prompt"], bos, eos)]
     texts += [reply_text(template, row[key], bos, eos) for key in ("chosen", "rejected")]
-    ids = [_ids(tok, t) for t in texts]
+    ids = [token_ids(tok, t) for t in texts]
     prompt, responses = fit_pair(ids[0], ids[1:], max_length, max_prompt_length, tok.bos_token_id)
     kept = [prompt, *responses]
     out = [t if len(k) == len(i) else tok.decode(k, skip_special_tokens=False, clean_up_tokenization_spaces=False)

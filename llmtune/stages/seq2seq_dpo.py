@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from llmtune.config.schema import Recipe
-from llmtune.data.templates import IGNORE, ChatTemplate
+from llmtune.data.templates import IGNORE, ChatTemplate, token_ids
 from llmtune.stages.common import Context, to_dataset, training_args
 from llmtune.stages.dpo import fit_pair, frozen_copy, lengths, reply_text
 
@@ -30,14 +30,11 @@ def encode_seq2seq_pair(tok: Any, template: ChatTemplate, row: dict[str, Any], m
     the way seq2seq SFT encodes them, trimmed by `fit_pair`."""
     bos, eos = tok.bos_token or "", tok.eos_token or ""
 
-    def ids(text: str) -> list[int]:
-        return tok(text, add_special_tokens=False)["input_ids"] if text else []
-
     def target(reply: list[dict[str, str]]) -> list[int]:
         text = reply[0]["content"] if len(reply) == 1 else reply_text(template, reply, "", "").strip()
-        return ids(text) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        return token_ids(tok, text) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
 
-    prompt, (chosen, rejected) = fit_pair(ids(template.render_prompt(row["prompt"], bos, eos)),
+    prompt, (chosen, rejected) = fit_pair(token_ids(tok, template.render_prompt(row["prompt"], bos, eos)),
                                           [target(row["chosen"]), target(row["rejected"])],
                                           max_length, max_prompt_length, None)
     return {"input_ids": prompt, "chosen_labels": chosen, "rejected_labels": rejected}
