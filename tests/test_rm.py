@@ -76,7 +76,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory, hh_sources: Path) -> dict[
     for model, finetuning in [("tiny-llama", "lora"), ("tiny-llama", "full"), ("tiny-t5", "lora"),
                               ("tiny-t5", "full"), ("minilm-l6", "full"), ("minilm-l6", "lora")]:
         run = tmp_path_factory.mktemp("runs") / f"{model}-{finetuning}"
-        summary = train(rm_recipe(model, finetuning, hh_sources), run)
+        # One run batches by length (training.group_by_length): same results contract as the others.
+        extra = {"group_by_length": True} if (model, finetuning) == ("minilm-l6", "lora") else {}
+        summary = train(rm_recipe(model, finetuning, hh_sources, **extra), run)
         assert summary["status"] == "completed" and summary["global_step"] == 2
         runs[f"{model}-{finetuning}"] = run
     return runs
@@ -145,6 +147,16 @@ def test_pooling_choice_is_trained_saved_and_reloaded(tmp_path: Path, hh_sources
 
     with pytest.raises(ConfigError, match="rm.pooling: mean pooling is for encoder models"):
         rm_recipe("tiny-llama", "lora", hh_sources, pooling="mean")
+
+
+def test_group_by_length_is_recorded_and_limited_to_sft_and_rm(trained: dict[str, Path], hh_sources: Path) -> None:
+    assert "group_by_length: true" in (trained["minilm-l6-lora"] / "recipe.yaml").read_text()
+    recipe = rm_recipe("tiny-llama", "lora", hh_sources)
+    data = {"stage": "dpo", "model": {"name": "tiny-llama"}, "data": {"name": "hh", "path": str(hh_sources)},
+            "training": {"group_by_length": True}}
+    assert recipe.training.group_by_length is False
+    with pytest.raises(ConfigError, match="training.group_by_length: supported by stages sft and rm"):
+        recipe_from_dict(data)
 
 
 def test_mean_pooled_export_scores_like_the_run(trained: dict[str, Path], tmp_path: Path) -> None:

@@ -108,6 +108,9 @@ class TrainingSection:
     save_steps: int = _f(500, doc="Save a checkpoint every N steps (and always on interrupt).", ge=1)
     save_total_limit: int | None = _f(2, doc="Keep at most N checkpoints.", ge=1)
     num_workers: int = _f(0, doc="DataLoader worker processes.", ge=0)
+    group_by_length: bool = _f(
+        False, doc="stages sft and rm: batch examples of similar length together (transformers' LengthGroupedSampler, "
+        "still shuffled in large groups): far less padding, so a longer data.max_length costs little more.")
     report_to: list[str] = _f(doc="Extra trackers (tensorboard, wandb); metrics.jsonl is always written.", factory=list)
 
 
@@ -451,6 +454,8 @@ def check(recipe: Recipe, source: str = "recipe", base_dir: Path | None = None,
         if data.max_prompt_length is not None and data.max_prompt_length >= data.max_length:
             errors.append(f"data.max_prompt_length: {data.max_prompt_length} leaves no room for the responses; "
                           f"it must be smaller than data.max_length ({data.max_length})")
+    if recipe.training.group_by_length and recipe.stage not in ("sft", "rm"):
+        errors.append(f"training.group_by_length: supported by stages sft and rm, not '{recipe.stage}'")
     if recipe.stage == "rm" and recipe.rm.pooling == "mean" and spec is not None and spec.kind not in (None, "encoder"):
         errors.append(f"rm.pooling: mean pooling is for encoder models; '{recipe.model.name}' is {spec.kind} "
                       "(use pooling: architecture)")

@@ -69,6 +69,9 @@ def training_args(recipe: Recipe, ctx: Context, cls: Any, has_eval: bool, **extr
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         dataloader_num_workers=t.num_workers,
+        # Lengths: the dataset's `length` column where a stage writes one (rm), else its input_ids.
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        length_column_name="length",
         report_to=t.report_to or "none",
         disable_tqdm=not sys.stderr.isatty(),
         remove_unused_columns=False,

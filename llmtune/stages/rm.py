@@ -80,6 +80,8 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
         for side, text in (("chosen", chosen), ("rejected", rejected)):
             for key, ids in encode_reward_input(tok, template, kind, prompt, text, max_len).items():
                 out[f"{side}_{COLUMNS[key]}"] = ids
+        # A batch pads both sides to its longest input: what training.group_by_length sorts on.
+        out["length"] = max(len(out["chosen_ids"]), len(out["rejected_ids"]))
         return out
 
     train_ds = to_dataset(train_rows, encode, "tokenising train")
