@@ -120,7 +120,7 @@ def head_pooling(recipe: Recipe, spec: ModelSpec) -> str | None:
     default, or what an earlier rm run trained with)."""
     if recipe.rm.pooling != "auto":
         return "mean" if recipe.rm.pooling == "mean" else None
-    return spec.pooling if spec.pooling == "mean" else None
+    return spec.pooling
 
 
 def load_for_training(recipe: Recipe, head: str | None = None, spec: ModelSpec | None = None,
@@ -158,7 +158,7 @@ def load_for_training(recipe: Recipe, head: str | None = None, spec: ModelSpec |
     if head == "classifier":
         spec.pooling = head_pooling(recipe, spec)  # what this model is, and what save_model records
     # Start from an earlier run's adapted weights merged in: they become the new frozen base.
-    model = _load_weights(spec, head, kwargs, merge_top=True, pooling=spec.pooling if head == "classifier" else None)
+    model = _load_weights(spec, head, kwargs, merge_top=True, pooling=spec.pooling)
     if head == "classifier" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     if mcfg.finetuning == "qlora":
@@ -192,7 +192,7 @@ def load_for_inference(ref: str, head: str | None = None, dtype: str = "auto") -
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype, spec)}
     if head == "classifier":
         kwargs["num_labels"] = 1
-    model = _load_weights(spec, head, kwargs, merge_top=False, pooling=spec.pooling if head == "classifier" else None)
+    model = _load_weights(spec, head, kwargs, merge_top=False, pooling=spec.pooling)
     if head == "classifier" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     model.to(device()).eval()
