@@ -44,11 +44,11 @@ class ModelSpec:
     params: float | None = None
     description: str = ""
     pooling: str | None = None  # reward heads: "mean" (modeling/pooling.py) or None (the architecture's own)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Saved runs record "architecture" for the default head; in a spec that is None.
         self.pooling = "mean" if self.pooling == "mean" else None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def location(self) -> str:
         """A path or hub id that `from_pretrained` accepts (builds a tiny model on first use)."""
