@@ -6,8 +6,11 @@ and over the response tokens only, and fits a Bradley–Terry linear head on the
 feature differences (L2-regularised logistic regression, LBFGS). Prints one JSON line per split and
 feature set with the held-out pairwise accuracy. If fine-tuning barely beats this, the recipe is near
 what the model and the 1,440 pairs allow; if it falls below, the fine-tune is hurting the features.
+`--train-fractions` fits the probe on random parts of the training pairs too (a learning curve: mean
+over 5 draws), which says whether more pairs of this kind would still help.
 
     python benchmarks/rm_minilm_probe.py --data ../shared/data/hh-harmless-sample.jsonl.gz --seeds 42 1 2
+    python benchmarks/rm_minilm_probe.py --seeds 42 1 2 3 4 --l2 0.006 --train-fractions 0.25 0.5 0.75 1
 """
 
 from __future__ import annotations
@@ -74,7 +77,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[42], help="split seeds (training.seed)")
     ap.add_argument("--l2", type=float, nargs="+", default=[0.002, 0.006, 0.02],
                     help="penalties on |w|^2 added to the mean pairwise loss")
+    ap.add_argument("--train-fractions", type=float, nargs="+", default=[1.0],
+                    help="fit on this share of the training pairs (below 1: mean over 5 random draws)")
     args = ap.parse_args()
+    import torch
 
     from llmtune.config.load import load_recipe
     from llmtune.data.templates import ChatTemplate
@@ -94,11 +100,17 @@ def main() -> None:
                            for rows in (train_rows, eval_rows))
         for name in ("all", "response"):
             for l2 in args.l2:
-                w = fit_probe(train_d[name], l2)
-                accuracy = ((eval_d[name] @ w) > 0).float().mean().item()
-                print(json.dumps({"probe": f"frozen MiniLM, mean over {name} tokens", "split_seed": seed, "l2": l2,
-                                  "eval_accuracy": round(accuracy, 4), "eval_pairs": len(eval_rows),
-                                  "wall_s": round(time.time() - start, 1)}), flush=True)
+                for fraction in args.train_fractions:
+                    n = len(train_rows)
+                    draws = [torch.arange(n)] if fraction >= 1 else [
+                        torch.randperm(n, generator=torch.Generator().manual_seed(k))[:round(fraction * n)]
+                        for k in range(5)]
+                    accuracy = sum(((eval_d[name] @ fit_probe(train_d[name][idx], l2)) > 0).float().mean().item()
+                                   for idx in draws) / len(draws)
+                    print(json.dumps({"probe": f"frozen MiniLM, mean over {name} tokens", "split_seed": seed,
+                                      "l2": l2, "train_pairs": len(draws[0]), "eval_accuracy": round(accuracy, 4),
+                                      "eval_pairs": len(eval_rows), "wall_s": round(time.time() - start, 1)}),
+                          flush=True)
 
 
 if __name__ == "__main__":

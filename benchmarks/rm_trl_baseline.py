@@ -8,7 +8,8 @@ held-out accuracy, pairs evaluated, wall time.
 
 Only what plain TRL needs to run at all on this model and machine is set:
 - eos_token=[SEP]: BERT tokenizers have no EOS and TRL appends one to every text;
-- max_length=512: the model's position limit (TRL drops pairs longer than this, train and eval);
+- max_length=512: the model's position limit (TRL drops pairs longer than this, train and eval;
+  `--max-length 128` runs it at the recipe's own limit);
 - fp32, no gradient checkpointing: CPU training as llmtune does it (TRL defaults to bf16 + checkpointing).
 
     python benchmarks/rm_trl_baseline.py --data ../shared/data/hh-harmless-sample.jsonl.gz
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--learning-rate", type=float, default=None, help="default: TRL's (1e-4)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: TRL's (8)")
+    ap.add_argument("--max-length", type=int, default=512,
+                    help="TRL drops pairs longer than this; default the model's position limit")
     args = ap.parse_args()
 
     start = time.time()
@@ -60,7 +63,7 @@ def main() -> None:
                                ("per_device_train_batch_size", args.batch_size)) if v is not None}
     with tempfile.TemporaryDirectory() as out:
         config = RewardConfig(output_dir=out, num_train_epochs=args.epochs, seed=args.seed, report_to="none",
-                              eos_token=tokenizer.sep_token, max_length=512, bf16=False,
+                              eos_token=tokenizer.sep_token, max_length=args.max_length, bf16=False,
                               gradient_checkpointing=False, save_strategy="no", logging_steps=10, **extra)
         trainer = RewardTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                                 processing_class=tokenizer)
@@ -68,6 +71,7 @@ def main() -> None:
         metrics = trainer.evaluate()
     print(json.dumps({
         "baseline": "trl RewardTrainer (plain)",
+        "max_length": args.max_length,
         "eval_accuracy": round(metrics["eval_accuracy"], 4),
         "eval_pairs": len(trainer.eval_dataset),
         "held_out_pairs": len(eval_ds),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
-from llmtune.config.load import load_recipe
+from llmtune.config.load import load_dict, load_recipe, load_text
 from llmtune.config.reference import BEGIN, END, markdown
 from llmtune.errors import ConfigError
 
@@ -125,6 +125,18 @@ def test_inheritance_interpolation_and_overrides(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="inheritance loops"):
         load_recipe(loop)
 
+
+
+def test_recipe_text_merges_bases_like_files(tmp_path: Path) -> None:
+    """The web UI's editor text goes through the same base merging and interpolation as a file."""
+    parent = write(tmp_path, BASE, "parent.yaml")
+    text = "base: parent.yaml\ntraining: {max_steps: 5, save_steps: '${training.max_steps}'}\n"
+    data = load_text(text, "editor", lambda ref: tmp_path / ref)
+    assert data["training"]["save_steps"] == 5 and data["model"] == load_dict(parent)["model"]
+    with pytest.raises(ConfigError, match="editor: not valid YAML"):
+        load_text("stage: [sft", "editor", lambda ref: tmp_path / ref)
+    with pytest.raises(ConfigError, match="editor: a recipe must be a mapping"):
+        load_text("- sft\n", "editor", lambda ref: tmp_path / ref)
 
 def test_light_commands_do_not_import_torch(tmp_path: Path) -> None:
     recipe = write(tmp_path, BASE)

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from llmtune.config.load import RECIPES_DIR, load_dict, recipe_from_dict
+from llmtune.config.load import RECIPES_DIR, find_recipe, load_text, recipe_from_dict
 from llmtune.config.schema import Recipe
 from llmtune.errors import ConfigError
 from llmtune.runs.rundir import STATUS_FAILED, STATUS_RUNNING, RunDir
@@ -184,25 +184,11 @@ class Workspace:
     def recipe_dict(self, text: str, source: str = "recipe") -> dict[str, Any]:
         """YAML text → merged recipe dict. `base:` references are looked up in the workspace's
         recipes/ then the shipped recipes/, like `llmtune train` does next to the recipe file."""
-        try:
-            data = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: a recipe must be a mapping of sections")
-        base = data.pop("base", None)
-        if base is None:
-            return data
-        from omegaconf import OmegaConf
+        def find_base(ref: str) -> Path:
+            local = self.recipes_dir / ref
+            return self.confine(local, "base") if local.is_file() else find_recipe(ref)
 
-        merged = OmegaConf.create()
-        for ref in [base] if isinstance(base, str) else list(base):
-            local = self.recipes_dir / str(ref)
-            path = self.confine(local, "base") if local.is_file() else str(ref)
-            merged = OmegaConf.merge(merged, load_dict(path))
-        out = OmegaConf.to_container(OmegaConf.merge(merged, data), resolve=True)
-        assert isinstance(out, dict)
-        return out
+        return load_text(text, source, find_base)
 
     def validate(self, text: str, source: str = "recipe") -> Recipe:
         """The same checks as `llmtune validate` (schema parse + semantic check); ConfigError on failure."""

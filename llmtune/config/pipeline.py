@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llmtune.config.load import _find, _read
+from llmtune.config.load import find_recipe, read_config
 from llmtune.config.schema import STAGES, Recipe, check, parse
 from llmtune.errors import ConfigError, hint
 
@@ -39,14 +39,14 @@ class PipelineStage:
 
 def is_pipeline(path: str | Path) -> bool:
     """Whether a recipe file (after inheritance) declares `stages:`."""
-    return "stages" in _read(_find(str(path), None))
+    return "stages" in read_config(find_recipe(str(path), None))
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                   output_dir: str | None = None) -> list[PipelineStage]:
     """Split a pipeline file into validated per-stage recipes with their run directories."""
     source = str(path)
-    cfg = _read(_find(source, None))
+    cfg = read_config(find_recipe(source, None))
     try:
         if overrides:
             bad = [o for o in overrides if "=" not in o]
@@ -85,14 +85,14 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     try:
         for name, body in named.items():
             if "recipe" in body and "stage" not in body:
-                body["stage"] = str(_read(_find(str(body["recipe"]), Path(source).resolve().parent)).get("stage"))
+                body["stage"] = str(read_config(find_recipe(str(body["recipe"]), Path(source).resolve().parent)).get("stage"))
             if body.get("stage", name) not in STAGES:
                 errors.append(f"stages.{name}.stage: '{body.get('stage', name)}' is not a stage"
                               + hint(str(body.get("stage", name)), STAGES))
                 continue
             layers = [shared]
             if "recipe" in body:  # a stage may start from a whole recipe file, then override it
-                layers.append(_read(_find(str(body.pop("recipe")), Path(source).resolve().parent)))
+                layers.append(read_config(find_recipe(str(body.pop("recipe")), Path(source).resolve().parent)))
             body.setdefault("stage", name)
             merged = OmegaConf.merge(*layers, OmegaConf.create(body))
             try:
