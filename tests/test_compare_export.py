@@ -22,7 +22,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cmp") / "sft-lora"
-    run_cli("train", "recipes/quickstart.yaml", "training.max_steps=4", "model.finetuning=lora",
+    run_cli("train", "recipes/sft-tiny.yaml", "training.max_steps=4", "model.finetuning=lora",
             "--output-dir", str(out), check=True)
     return out
 

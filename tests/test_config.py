@@ -32,7 +32,7 @@ def test_every_shipped_recipe_validates(recipe: Path) -> None:
 
 
 def test_validate_takes_overrides_like_train() -> None:
-    quickstart = str(ROOT / "recipes" / "quickstart.yaml")
+    quickstart = str(ROOT / "recipes" / "sft-tiny.yaml")
     assert run_cli("validate", quickstart, "training.epochs=2", "--set", "data.max_length=32").returncode == 0
     bad = run_cli("validate", quickstart, "training.epochs=-1")
     assert bad.returncode == 2 and "training.epochs" in bad.stderr and "Traceback" not in bad.stderr

@@ -24,7 +24,7 @@ from llmtune.launch.deepspeed import build_config, deepspeed_config_for
 from llmtune.launch.relaunch import launch_command, launch_env, needs_relaunch, train_args
 from llmtune.runs.rundir import RunDir, StopFlag
 
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+QUICKSTART = ROOT / "recipes" / "sft-tiny.yaml"
 
 
 def recipe(*overrides: str, device_checks: bool = False) -> Recipe:
@@ -197,13 +197,13 @@ def _accelerate_args(cmd: list[str]) -> argparse.Namespace:
 
 def test_cpu_ddp_command_and_environment(tmp_path: Path) -> None:
     r = recipe("distributed.strategy=ddp", "distributed.num_processes=2", "distributed.main_process_port=29811")
-    argv = train_args("recipes/quickstart.yaml", ["training.max_steps=3"], tmp_path / "run", resume=True)
+    argv = train_args("recipes/sft-tiny.yaml", ["training.max_steps=3"], tmp_path / "run", resume=True)
     cmd = launch_command(r, argv, tmp_path / "run", cuda=False)
     parsed = _accelerate_args(cmd)
     assert parsed.multi_gpu and not parsed.use_deepspeed and parsed.num_processes == 2
     assert parsed.num_machines == 1 and parsed.main_process_port == 29811 and parsed.mixed_precision == "no"
     assert parsed.module and parsed.training_script == "llmtune.cli"
-    assert parsed.training_script_args == ["train", "recipes/quickstart.yaml", "training.max_steps=3",
+    assert parsed.training_script_args == ["train", "recipes/sft-tiny.yaml", "training.max_steps=3",
                                            "--output-dir", str(tmp_path / "run"), "--resume"]
     env = launch_env(cuda=False)
     assert env["ACCELERATE_USE_CPU"] == "true" and int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= 300

@@ -13,7 +13,7 @@ from conftest import ROOT, run_cli
 
 GIB = 1024**3
 OVERHEAD = GIB
-QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
+QUICKSTART = str(ROOT / "recipes" / "sft-tiny.yaml")
 
 
 def plan_json(*args: str, env: dict | None = None) -> dict:

@@ -23,7 +23,7 @@ API_KEY = "test-key"
 HELLO = [{"role": "user", "content": "What is 2 plus 3?"}]
 
 
-def _train(root: Path, name: str, *overrides: str, recipe: str = "recipes/quickstart.yaml") -> Path:
+def _train(root: Path, name: str, *overrides: str, recipe: str = "recipes/sft-tiny.yaml") -> Path:
     out = root / name
     run_cli("train", recipe, "training.max_steps=4", "training.save_steps=1000", *overrides,
             "--output-dir", str(out), check=True)

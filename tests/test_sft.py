@@ -23,7 +23,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "raw"
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gptj", "tiny-t5"])
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_sft_trains_saves_reloads_and_generates(tmp_path: Path, model: str, finetuning: str) -> None:
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
+    recipe = load_recipe(ROOT / "recipes" / "sft-tiny.yaml", [
         f"model.name={model}", f"model.finetuning={finetuning}", "training.max_steps=4", "training.logging_steps=1",
         "training.batch_size=4", "data.num_samples=40", "data.eval_fraction=0.25"])
     summary = train(recipe, tmp_path / "run")
@@ -91,8 +91,8 @@ def test_truncation_keeps_the_response(tmp_path: Path) -> None:
     assert enc["input_ids"][0] == tok.bos_token_id  # BOS survives the left trim
 
 
-def test_quickstart_loss_falls(tmp_path: Path) -> None:
-    proc = run_cli("train", "recipes/quickstart.yaml", "--output-dir", str(tmp_path / "qs"), check=True)
+def test_tiny_sft_loss_falls(tmp_path: Path) -> None:
+    proc = run_cli("train", "recipes/sft-tiny.yaml", "--output-dir", str(tmp_path / "qs"), check=True)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["status"] == "completed"
     losses = [m["loss"] for m in map(json.loads, (tmp_path / "qs" / "metrics.jsonl").read_text().splitlines())
@@ -105,7 +105,7 @@ def test_quickstart_loss_falls(tmp_path: Path) -> None:
 
 def test_interrupt_saves_checkpoint_and_resume_continues(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    args = ["recipes/quickstart.yaml", "training.max_steps=400", "training.logging_steps=1",
+    args = ["recipes/sft-tiny.yaml", "training.max_steps=400", "training.logging_steps=1",
             "training.save_steps=1000", "data.max_length=64", "--output-dir", str(run)]
     env = {**os.environ}
     proc = subprocess.Popen([sys.executable, "-m", "llmtune.cli", "train", *args], cwd=ROOT, env=env,
@@ -128,7 +128,7 @@ def test_interrupt_saves_checkpoint_and_resume_continues(tmp_path: Path) -> None
     assert 5 <= stopped_at < 400
     assert not (run / "model").exists()
 
-    again = run_cli("train", "recipes/quickstart.yaml", "--output-dir", str(run))
+    again = run_cli("train", "recipes/sft-tiny.yaml", "--output-dir", str(run))
     assert again.returncode == 2 and "--resume" in again.stderr  # never silently overwritten
 
     resumed = run_cli("train", *args[:-2], "training.max_steps=" + str(stopped_at + 6), "--output-dir", str(run),

@@ -111,7 +111,7 @@ def wait_status(client: Any, name: str, statuses: tuple[str, ...], timeout: floa
 
 def quickstart(client: Any, **training: Any) -> str:
     """The shipped quickstart recipe with training keys changed through the form endpoint."""
-    text, *form = client.predict("shipped/quickstart.yaml", api_name="/load_recipe")
+    text, *form = client.predict("shipped/sft-tiny.yaml", api_name="/load_recipe")
     form[6] = training.pop("max_steps", form[6])
     form[7] = training.pop("batch_size", form[7])
     text = client.predict(text, *form, api_name="/apply_form")
@@ -161,9 +161,9 @@ def test_webui_help_defaults() -> None:
 # -- recipes -------------------------------------------------------------------------------------
 
 def test_load_form_and_validate(client: Any) -> None:
-    assert "shipped/quickstart.yaml" in client.predict(api_name="/list_recipes")
+    assert "shipped/sft-tiny.yaml" in client.predict(api_name="/list_recipes")
     text, stage, model, data, finetuning, lr, epochs, max_steps, *_ = client.predict(
-        "shipped/quickstart.yaml", api_name="/load_recipe")
+        "shipped/sft-tiny.yaml", api_name="/load_recipe")
     assert (stage, model, data, finetuning, lr, max_steps) == ("sft", "tiny-llama", "demo", "full", 0.003, -1)
     assert client.predict(text, api_name="/validate_recipe") == "ok: recipe (stage sft, model tiny-llama)"
     form = ["dpo", "tiny-t5", "demo", "lora", 0.001, 2, 7, 2, 64, 8, False]
@@ -194,7 +194,7 @@ def test_bad_recipe_gets_the_validate_message(client: Any, tmp_path: Path) -> No
 
 
 def test_save_recipe_into_the_workspace(client: Any, server: Server) -> None:
-    text = client.predict("shipped/quickstart.yaml", api_name="/load_recipe")[0]
+    text = client.predict("shipped/sft-tiny.yaml", api_name="/load_recipe")[0]
     message, _ = client.predict("my-quick", text, api_name="/save_recipe")
     saved = server.workspace / "recipes" / "my-quick.yaml"
     assert message == "saved recipes/my-quick.yaml" and saved.read_text() == text.rstrip("\n") + "\n"
@@ -206,7 +206,7 @@ def test_save_recipe_into_the_workspace(client: Any, server: Server) -> None:
     assert "unknown model" in app_error(lambda: client.predict("broken", invalid, api_name="/save_recipe"))
     assert not (server.workspace / "recipes" / "broken.yaml").exists()
     # A saved recipe may inherit from a shipped one with `base:`.
-    child = "base: quickstart.yaml\ntraining: {max_steps: 3}\n"
+    child = "base: sft-tiny.yaml\ntraining: {max_steps: 3}\n"
     assert client.predict(child, api_name="/validate_recipe") == "ok: recipe (stage sft, model tiny-llama)"
 
 
