@@ -3,7 +3,10 @@ launch the quickstart with max_steps lowered in the form, wait for completion wi
 drawn, compare two models side by side, vote, and find the vote in the preference file. A screenshot
 of every tab lands in $LLMTUNE_ARTIFACTS (default artifacts/screenshots/).
 
-Needs: `apt-get install -y chromium nodejs npm` and `npm ci --prefix tests/browser`."""
+The test prepares its own node packages (`npm ci` of the pinned playwright-core in tests/browser, once;
+node_modules/ is the cache). Chromium is a system package: where none is found the test is skipped
+with a one-line reason, unless LLMTUNE_REQUIRE_BROWSER=1 (set by .ci/run, which installs it), where
+that is a failure: CI always runs this test."""
 
 from __future__ import annotations
 
@@ -13,29 +16,60 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from test_webui_api import start_server, stop_runs
 
 BROWSER_DIR = ROOT / "tests" / "browser"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+INSTALL_HINT = "install it with `apt-get install -y chromium` (Debian/Ubuntu) or set CHROMIUM=/path/to/chrome"
+
+
+def _unavailable(reason: str) -> None:
+    """Skip on a developer's machine that lacks a system dependency; fail where CI demands the test."""
+    if os.environ.get("LLMTUNE_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"browser test required (LLMTUNE_REQUIRE_BROWSER=1) but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def find_chromium() -> str | None:
+    """$CHROMIUM when set, else the first Chromium/Chrome on PATH."""
+    if os.environ.get("CHROMIUM"):
+        return os.environ["CHROMIUM"] if Path(os.environ["CHROMIUM"]).is_file() else None
+    return next((found for name in CHROMIUM_NAMES if (found := shutil.which(name))), None)
+
+
+@pytest.fixture(scope="module")
+def browser() -> dict[str, str]:
+    """node, a Chromium binary, and tests/browser/node_modules (installed here on first use)."""
+    chromium = find_chromium()
+    if chromium is None:
+        _unavailable(f"no Chromium found for the web UI browser test: {INSTALL_HINT}")
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        _unavailable("node/npm not found for the web UI browser test: install Node.js 20+ (apt-get install -y nodejs npm)")
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        proc = subprocess.run([npm, "ci", "--prefix", str(BROWSER_DIR), "--no-audit", "--no-fund"],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            _unavailable(f"`npm ci --prefix tests/browser` failed (is the npm registry reachable?): {last}")
+    return {"node": node, "chromium": chromium}
 
 
 def artifacts_dir() -> Path:
     return Path(os.environ.get("LLMTUNE_ARTIFACTS") or ROOT / "artifacts") / "screenshots"
 
 
-def test_browser_launch_watch_compare_and_vote(tmp_path: Path) -> None:
-    node = shutil.which("node")
-    assert node, "node is missing: apt-get install -y nodejs npm"
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium"
-    assert (BROWSER_DIR / "node_modules" / "playwright-core").is_dir(), "run: npm ci --prefix tests/browser"
+def test_browser_launch_watch_compare_and_vote(browser: dict[str, str], tmp_path: Path) -> None:
     shots = artifacts_dir()
     for old in shots.glob("*.png"):
         old.unlink()
     server = start_server(tmp_path / "ws", tmp_path / "server.log", auth=None)
     try:
-        proc = subprocess.run([node, str(BROWSER_DIR / "webui.js"), server.url, str(shots), "browser-run"],
-                              capture_output=True, text=True, timeout=540, env={**os.environ, "CHROMIUM": CHROMIUM})
+        proc = subprocess.run([browser["node"], str(BROWSER_DIR / "webui.js"), server.url, str(shots), "browser-run"],
+                              capture_output=True, text=True, timeout=540,
+                              env={**os.environ, "CHROMIUM": browser["chromium"]})
     finally:
         server.proc.terminate()
         server.proc.wait(timeout=30)
