@@ -3,7 +3,9 @@
 Both models answer the same held-out prompts with the same sampling settings and seed; a reward
 source scores every answer. The result: mean reward of each, win/tie/loss of the model against the
 baseline per prompt, and KL(model || baseline) estimated on the model's own samples as the mean over
-responses of sum_t [log p_model(y_t) - log p_baseline(y_t)].
+responses of sum_t [log p_model(y_t) - log p_baseline(y_t)], over exactly the tokens the model sampled
+(re-tokenising the decoded text would score an end-of-turn the model never produced when a response
+hit max_new_tokens, and bias the estimate).
 
 SOURCE (--reward): the reward-source syntax of `llmtune.rewards.source` (rule:module:function,
 classifier:PATH, a reward YAML/JSON file, or a reward-model run directory).
@@ -24,15 +26,14 @@ def reward_section(source: str) -> RewardSection:
 
 
 def compare(model_ref: str, baseline_ref: str, prompts: list[list[dict[str, str]]], reward: Any,
-            gen: GenerationSection, seed: int = 0, max_prompt_length: int = 256, max_length: int = 512,
+            gen: GenerationSection, seed: int = 0, max_prompt_length: int = 256,
             batch_size: int = 8, tie_margin: float = 1e-6) -> dict[str, Any]:
     """Generate with both models (same seed), score, and measure KL on the model's samples."""
     import torch
 
     from llmtune.data.templates import ChatTemplate
-    from llmtune.modeling.generate import generate
     from llmtune.modeling.load import load_for_inference
-    from llmtune.ppo.rollout import sequence_logprobs
+    from llmtune.ppo.rollout import Rollout, sample, token_logprobs
 
     model, tok, spec = load_for_inference(model_ref)
     base, base_tok, base_spec = load_for_inference(baseline_ref)
@@ -41,17 +42,21 @@ def compare(model_ref: str, baseline_ref: str, prompts: list[list[dict[str, str]
                           f"compared token by token with '{model_ref}' ({spec.kind}, {len(tok)} tokens)")
     kind = spec.kind or "causal"
     template = ChatTemplate.get(spec.template)
-    answers = {}
+    decoder_start = getattr(model.config, "decoder_start_token_id", None)
+    rollouts: dict[str, list[Rollout]] = {}
     for name, (m, t) in {"model": (model, tok), "baseline": (base, base_tok)}.items():
         torch.manual_seed(seed)
-        answers[name] = [g[0] for g in generate(m, t, template, kind, prompts, gen, max_prompt_length,
-                                                batch_size=batch_size)]
+        m.eval()
+        rollouts[name] = [sample(m, t, template, kind, prompts[i:i + batch_size], gen, max_prompt_length)
+                          for i in range(0, len(prompts), batch_size)]
+    answers = {name: [text for r in rs for text in r.texts] for name, rs in rollouts.items()}
     scores = {name: [float(s) for s in reward.score(prompts, texts)] for name, texts in answers.items()}
     wins = sum(a > b + tie_margin for a, b in zip(scores["model"], scores["baseline"]))
     losses = sum(b > a + tie_margin for a, b in zip(scores["model"], scores["baseline"]))
-    lp_model = sequence_logprobs(model, tok, template, kind, prompts, answers["model"], max_length)
-    lp_base = sequence_logprobs(base, tok, template, kind, prompts, answers["model"], max_length)
-    kl = [a - b for a, b in zip(lp_model, lp_base)]
+    kl: list[float] = []
+    for r in rollouts["model"]:
+        diff = token_logprobs(model, r, kind, decoder_start) - token_logprobs(base, r, kind, decoder_start)
+        kl.extend((diff * r.response_mask).sum(1).tolist())
     n = len(prompts)
     return {
         "model": model_ref, "baseline": baseline_ref, "n": n,

@@ -111,6 +111,13 @@ def evaluate(actor_critic: Any, r: Rollout, kind: str, decoder_start_id: int | N
 
 
 @torch.no_grad()
+def token_logprobs(model: Any, r: Rollout, kind: str, decoder_start_id: int | None) -> torch.Tensor:
+    """log p(response token t) under MODEL for the rollout's own sampled tokens, (batch, width)."""
+    logits = model(**model_inputs(r, kind, decoder_start_id), use_cache=False).logits
+    return logprobs_from_logits(response_logits(logits, r, kind), r.response_ids)
+
+
+@torch.no_grad()
 def reference_logprobs(policy: Any, reference: Any | None, r: Rollout, kind: str,
                        decoder_start_id: int | None) -> torch.Tensor:
     """Log-probs under the frozen reference: a separate frozen model for full fine-tuning, or —
@@ -118,8 +125,7 @@ def reference_logprobs(policy: Any, reference: Any | None, r: Rollout, kind: str
     model = reference if reference is not None else policy
     switch: AbstractContextManager[Any] = policy.disable_adapter() if reference is None else nullcontext()
     with switch:
-        logits = model(**model_inputs(r, kind, decoder_start_id), use_cache=False).logits
-    return logprobs_from_logits(response_logits(logits, r, kind), r.response_ids)
+        return token_logprobs(model, r, kind, decoder_start_id)
 
 
 def sequence_logprobs(model: Any, tok: Any, template: ChatTemplate, kind: str, prompts: list[list[Message]],
