@@ -73,6 +73,8 @@ def plant(root: Path) -> tuple[Path, Path, Path]:
     (cwd / "runs" / "quickstart").mkdir(parents=True)
     (cwd / "runs" / "quickstart" / "config.json").write_text(json.dumps({"secret": FILE_SECRET}))
     (cwd / "cwd-secret.yaml").write_text(RECIPE + f"description: {FILE_SECRET}\n")
+    (cwd / "local-model").mkdir()
+    (cwd / "local-model" / "config.json").write_text(json.dumps({"secret": FILE_SECRET}))
     recipes = ws / "recipes"
     recipes.mkdir(parents=True)
     (recipes / "link.yaml").symlink_to(outside / "secret.yaml")
@@ -245,6 +247,7 @@ def test_path_keys_outside_the_workspace_are_refused(client: Any, world: World, 
 
 MODELS = {
     "missing-in-workspace": ("runs/quickstart", "no model 'runs/quickstart' in the workspace"),
+    "name-only-in-working-directory": ("local-model", "unknown model 'local-model'"),
     "dot-dot-inside": ("llmtune/../runs/quickstart", "contains '..'"),
     "dot-dot-outside": ("runs/../../outside/model", "contains '..'"),
     "absolute-outside": ("{outside}/model", "is outside the workspace"),
@@ -283,6 +286,7 @@ PLANTED = {  # case: (the recipe's sections, what the run's refusal says)
     "data-path": ("data: {{path: {outside}/secret.jsonl}}", "data.path: "),
     "env": ("description: '${{oc.env:" + ENV_NAME + "}}'", "${oc.env:...} is not allowed"),
     "rule": ("stage: rs\nreward: {{type: rule, function: 'this:s'}}", "module 'this' is not allowed"),
+    "pipeline": ("stages: {{sft: {{description: '${{oc.env:" + ENV_NAME + "}}'}}}}", "pipelines (stages:) run with"),
 }
 
 
@@ -325,7 +329,9 @@ def test_ui_survives_and_its_logs_are_clean(world: World, client: Any) -> None:
         assert_clean(row)
         assert_clean(client.predict(row[0], api_name="/run_status"))
     assert world.server.proc.poll() is None
-    assert_clean(world.server.log.read_text())
+    log = world.server.log.read_text()
+    assert_clean(log)
+    assert "gradio.live" not in log and "public URL" not in log  # --share stays off unless asked
     for log in world.ws.glob("runs/*/console.log"):
         assert_clean(log.read_text())
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmtune.errors import ConfigError
+from llmtune.errors import ConfigError, hint
 
 ENV_VAR = "LLMTUNE_CONFINE"  # the workspace root
 RULES_ENV_VAR = "LLMTUNE_CONFINE_RULES"  # comma-separated modules rule rewards may come from
@@ -94,16 +94,20 @@ class Confinement:
         from llmtune.registry.models import registry_models
 
         text = str(value).strip()
-        if text in registry_models():
+        models = registry_models()
+        if text in models:
             return text
         if ".." in Path(text).parts:
             raise ConfigError(f"{key}: '{text}' contains '..'; from the web UI a model is a registry name "
                               f"(`llmtune models`) or a directory inside the workspace {self.root}")
         path = self.path(text, key)
-        if not path.is_dir():
-            raise ConfigError(f"{key}: no model '{text}' in the workspace {self.root}; the web UI loads registry "
-                              "models and model directories inside the workspace only (no hub ids)")
-        return str(path)
+        if path.is_dir():
+            return str(path)
+        if "/" not in text:  # a name: most likely a typo of a registry name
+            raise ConfigError(f"{key}: unknown model '{text}'{hint(text, models)} (the web UI loads registry "
+                              "models and model directories inside the workspace only)")
+        raise ConfigError(f"{key}: no model '{text}' in the workspace {self.root}; the web UI loads registry "
+                          "models and model directories inside the workspace only (no hub ids)")
 
     def recipe_file(self, ref: str, relative_to: Path | None, shipped: Path) -> Path:
         """A recipe next to the one naming it, in the workspace, or shipped; nothing else is read."""
