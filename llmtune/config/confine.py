@@ -16,7 +16,8 @@ validation did. While it is active, every outside reference a recipe can make is
   - rule rewards (`ref="rule"`): functions of allow-listed modules only, checked before any import;
   - the environment: `ref="env"` keys (a judge's api_key_env) and `${...}` resolvers (oc.env,
     oc.decode, ...) are refused; only references to other recipe keys (and pipelines' `${run:NAME}`)
-    are resolved, before and after the first resolution (an escaped `\\${oc.env:X}` becomes one).
+    are resolved, before and after the first resolution (an escaped `\\${oc.env:X}` becomes one);
+  - pipelines (`stages:`) are refused: they resolve stage files and `${run:NAME}` on their own.
 
 Without it (the command line) recipes resolve as the shell user expects: relative to the working
 directory, with OmegaConf's resolvers such as `${oc.env:VAR}` available.
@@ -138,7 +139,7 @@ class Confinement:
                                   "only references to other recipe keys (e.g. ${training.max_steps}) are resolved")
 
     # -- a whole recipe --------------------------------------------------------------------------
-    def recipe(self, recipe: Any, source: str) -> None:
+    def resolve_refs(self, recipe: Any, source: str) -> None:
         """Resolve every schema field marked `ref` in place (paths become absolute, inside the
         workspace), or raise one ConfigError listing each key that reaches outside."""
         from llmtune.config.schema import _format
@@ -161,14 +162,14 @@ class Confinement:
             if kind is None:
                 continue
             try:
-                out = [self._resolve(kind, item, f"{key}[{i}]" if isinstance(value, list) else key)
+                out = [self._ref(kind, item, f"{key}[{i}]" if isinstance(value, list) else key)
                        for i, item in enumerate(items)]
             except ConfigError as exc:
                 errors.append(str(exc))
                 continue
             setattr(obj, f.name, out if isinstance(value, list) else out[0])
 
-    def _resolve(self, kind: str, value: Any, key: str) -> Any:
+    def _ref(self, kind: str, value: Any, key: str) -> Any:
         if kind == "path":
             return str(self.path(value, key))
         if kind == "data":

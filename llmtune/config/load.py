@@ -120,7 +120,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe", semantic: boo
     recipe = parse(data, source=source)
     policy = active()
     if policy is not None:
-        policy.recipe(recipe, source)
+        policy.resolve_refs(recipe, source)
     return check(recipe, source=source) if semantic else recipe
 
 
