@@ -14,9 +14,9 @@ validation did. While it is active, every outside reference a recipe can make is
     model registry name, or a directory inside the workspace; no `..`, no hub ids, no fall-through
     to the working directory;
   - rule rewards (`ref="rule"`): functions of allow-listed modules only, checked before any import;
-  - the environment: `ref="env"` keys (a judge's api_key_env) and `${...}` resolvers (oc.env,
-    oc.decode, ...) are refused; only references to other recipe keys (and pipelines' `${run:NAME}`)
-    are resolved, before and after the first resolution (an escaped `\\${oc.env:X}` becomes one);
+  - the environment: `ref="env"` keys (a judge's api_key_env) and every `${resolver:...}` (oc.env,
+    oc.decode, ...) are refused; only references to other recipe keys are resolved, checked before
+    and after the first resolution (an escaped `\\${oc.env:X}` becomes one);
   - pipelines (`stages:`) are refused: they resolve stage files and `${run:NAME}` on their own.
 
 Without it (the command line) recipes resolve as the shell user expects: relative to the working
@@ -38,7 +38,6 @@ from llmtune.errors import ConfigError, hint
 ENV_VAR = "LLMTUNE_CONFINE"  # the workspace root
 RULES_ENV_VAR = "LLMTUNE_CONFINE_RULES"  # comma-separated modules rule rewards may come from
 RULE_MODULES = ("llmtune.rewards.rules", "llmtune.ppo.rewards_demo")
-RESOLVERS = frozenset({"run"})  # pipelines' ${run:NAME}: a stage's run directory
 
 
 def _within(path: Path, root: Path) -> bool:
@@ -129,11 +128,11 @@ class Confinement:
                               f"{', '.join(self.rule_modules)} (`llmtune webui --rule-module MODULE` adds one)")
 
     def interpolations(self, data: Any, source: str) -> None:
-        """Refuse every `${resolver:...}` but RESOLVERS in the strings of a plain recipe container."""
+        """Refuse every `${resolver:...}` in the strings of a plain recipe container."""
         for key, text in _strings(data, ""):
             if "${" not in text:
                 continue
-            bad = sorted(_resolver_names(text) - RESOLVERS)
+            bad = sorted(_resolver_names(text))
             if bad:
                 raise ConfigError(f"{source}: {key}: ${{{bad[0]}:...}} is not allowed in a recipe from the web UI; "
                                   "only references to other recipe keys (e.g. ${training.max_steps}) are resolved")
