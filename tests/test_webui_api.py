@@ -41,8 +41,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(workspace: Path, log: Path, auth: tuple[str, str] | None = AUTH) -> Server:
-    """`llmtune webui` as a real subprocess; returns once it answers HTTP."""
+def start_server(workspace: Path, log: Path, auth: tuple[str, str] | None = AUTH, cwd: Path = ROOT,
+                 env: dict[str, str] | None = None) -> Server:
+    """`llmtune webui` as a real subprocess (in CWD, with ENV added); returns once it answers HTTP."""
     import urllib.request
 
     port = free_port()
@@ -50,7 +51,7 @@ def start_server(workspace: Path, log: Path, auth: tuple[str, str] | None = AUTH
     if auth:
         args += ["--auth", ":".join(auth)]
     fh = log.open("w")
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
+    proc = subprocess.Popen(args, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
     while time.time() < deadline:

@@ -224,9 +224,9 @@ class App:
         return self.ws.trained_models() + sorted(registry_models())
 
     def model_ref(self, choice: str) -> str:
-        """Workspace paths (runs/NAME) become absolute, confined paths; other names go to the registry."""
-        looks_like_path = choice.startswith(("/", ".", "~")) or (self.ws.root / choice).exists()
-        return str(self.ws.confine(choice, "model")) if looks_like_path else choice
+        """A registry name as is; anything else is a model directory inside the workspace (runs/NAME),
+        as an absolute path. Nothing falls through to the working directory or the hub."""
+        return self.ws.policy.model(choice, "model")
 
     def chat(self, models: list[str], message: str, conv: dict[str, Any], max_new_tokens: int,
              temperature: float, top_p: float, seed: float | None) -> Iterator[tuple[Any, ...]]:
@@ -307,13 +307,15 @@ class App:
 
 
 def build(ws: Workspace) -> gr.Blocks:
-    """The Blocks app for one workspace."""
+    """The Blocks app for one workspace. It confines this process (and the runs it launches) to the
+    workspace: recipes validated here may not reach outside it."""
+    ws.policy.activate()
     app = App(ws)
     recipes = ws.list_recipes()
     first = "shipped/quickstart.yaml" if "shipped/quickstart.yaml" in recipes else (recipes or [None])[0]
     from llmtune.registry.models import registry_models
 
-    with gr.Blocks(title="llmtune") as demo:
+    with gr.Blocks(title="llmtune", analytics_enabled=False) as demo:
         gr.Markdown(f"## llmtune &nbsp;·&nbsp; workspace `{ws.root}`")
         with gr.Tabs():
             # ---------------------------------------------------------------- Recipes
@@ -494,9 +496,9 @@ def build(ws: Workspace) -> gr.Blocks:
 
 
 def launch(workspace: str | Path, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           auth: tuple[str, str] | None = None) -> None:
+           auth: tuple[str, str] | None = None, rule_modules: tuple[str, ...] = ()) -> None:
     """Serve the UI (blocking)."""
-    demo = build(Workspace(workspace))
+    demo = build(Workspace(workspace, rule_modules))
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, share=share, auth=auth, show_error=False,
                 footer_links=["api", "gradio"])

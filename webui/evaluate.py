@@ -71,11 +71,13 @@ def reward_model_accuracy(ws: Workspace, model_ref: str, data_source_text: str, 
 
 
 def confine_judge(ws: Workspace, judge: str) -> str | None:
-    """A judge is `rule:module:function` or a reward model inside the workspace (an rm run)."""
+    """A judge is `rule:module:function` of an allow-listed module (refused before any import) or a
+    reward model inside the workspace (an rm run)."""
     judge = (judge or "").strip()
     if not judge:
         return None
     if judge.startswith("rule:"):
+        ws.policy.rule(judge[len("rule:"):], "judge")
         return judge
     return str(ws.confine(judge, "judge"))
 

@@ -9,8 +9,10 @@
     WORKSPACE/feedback/ties.jsonl         tied votes (kept apart so rm/dpo never train on them)
     WORKSPACE/data_registry.json        user data registry with the `feedback` entry
 
-Every path the UI accepts goes through `Workspace.confine`, so a browser (or API client) can never
-read or write outside this directory. Nothing here imports gradio or torch: it is plain file logic,
+Every path the UI accepts, and every path, model, base recipe, rule reward and `${...}` inside the
+recipes it validates and launches, goes through the workspace's `Confinement` (llmtune/config/
+confine.py), so a browser (or API client) can never read or write outside this directory. The
+served app activates it for its process; launched runs get it through their environment. Nothing here imports gradio or torch: it is plain file logic,
 shared by the app and testable on its own. State lives on disk only, so a reload, a second browser
 tab or a restarted UI sees the same runs and votes.
 """
@@ -34,7 +36,8 @@ from typing import Any
 
 import yaml
 
-from llmtune.config.load import RECIPES_DIR, find_recipe, load_text, recipe_from_dict
+from llmtune.config.confine import RULE_MODULES, Confinement
+from llmtune.config.load import RECIPES_DIR, load_text, recipe_from_dict
 from llmtune.config.schema import Recipe
 from llmtune.errors import ConfigError
 from llmtune.runs.rundir import STATUS_FAILED, STATUS_RUNNING, RunDir
@@ -118,8 +121,9 @@ RUN_COLUMNS = ["run", "status", "stage", "model", "step", "loss", "started", "er
 class Workspace:
     """All file-system operations of the UI, confined to one root directory."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, rule_modules: tuple[str, ...] = ()):
         self.root = Path(root).expanduser().resolve()
+        self.policy = Confinement(self.root, (*RULE_MODULES, *rule_modules))
         for sub in ("recipes", "runs", "feedback"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -147,15 +151,7 @@ class Workspace:
     def confine(self, path: str | Path, what: str = "path") -> Path:
         """PATH (relative to the workspace, or absolute) resolved with symlinks; refused when it
         lands outside the workspace."""
-        text = str(path).strip()
-        if not text:
-            raise ConfigError(f"{what}: empty path")
-        p = Path(text).expanduser()
-        resolved = (p if p.is_absolute() else self.root / p).resolve()
-        if resolved != self.root and self.root not in resolved.parents:
-            raise ConfigError(f"{what}: '{text}' is outside the workspace {self.root}; the web UI only "
-                              "reads and writes files inside it")
-        return resolved
+        return self.policy.path(path, what)
 
     def relative(self, path: Path) -> str:
         return str(path.resolve().relative_to(self.root))
@@ -183,12 +179,8 @@ class Workspace:
 
     def recipe_dict(self, text: str, source: str = "recipe") -> dict[str, Any]:
         """YAML text → merged recipe dict. `base:` references are looked up in the workspace's
-        recipes/ then the shipped recipes/, like `llmtune train` does next to the recipe file."""
-        def find_base(ref: str) -> Path:
-            local = self.recipes_dir / ref
-            return self.confine(local, "base") if local.is_file() else find_recipe(ref)
-
-        return load_text(text, source, find_base)
+        recipes/, the workspace, then the shipped recipes/ (like `llmtune train` next to a file)."""
+        return load_text(text, source, lambda ref: self.policy.recipe_file(ref, self.recipes_dir, RECIPES_DIR))
 
     def validate(self, text: str, source: str = "recipe") -> Recipe:
         """The same checks as `llmtune validate` (schema parse + semantic check); ConfigError on failure."""
@@ -244,11 +236,11 @@ class Workspace:
         with (path / "console.log").open("a") as log:
             log.write(f"$ llmtune {' '.join(args)}\n")
             log.flush()
-            # Same working directory as the UI: relative paths in recipes (data.path, data.registry)
-            # mean the same to the UI's validation as to the run, as with `llmtune train` in a shell.
+            # Confined like the UI: the run resolves the recipe's paths against the workspace and
+            # refuses what the UI's validation refused, whatever the launch.yaml on disk says.
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    env={**os.environ, **self.policy.env(), "PYTHONUNBUFFERED": "1"})
         _atomic_write(path / "launcher.json", json.dumps(
             {"pid": proc.pid, "pgid": proc.pid, "command": cmd, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "launched": time.time()},

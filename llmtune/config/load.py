@@ -1,6 +1,9 @@
 """Recipe loading: YAML via OmegaConf, `base:` inheritance, `${...}` interpolation, key=value overrides.
 
-Returns a validated `Recipe`; all checks live in `schema.py`. No torch import here.
+Returns a validated `Recipe`; all checks live in `schema.py`. No torch import here. Under the web
+UI's confinement (`confine.active()`) base lookup, interpolation and every path-valued key follow
+its rules; on the command line `${oc.env:VAR}` and paths relative to the working directory work.
+Error messages name the file, line and key, never what a file contains.
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llmtune.config.confine import active
 from llmtune.config.schema import Recipe, check, parse
 from llmtune.errors import ConfigError
 
@@ -19,7 +24,11 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def find_recipe(ref: str, relative_to: Path | None = None) -> Path:
-    """A base recipe is looked up next to the child, then in the shipped recipes/ directory."""
+    """A base recipe is looked up next to the child, then in the shipped recipes/ directory
+    (confined: next to the child, in the workspace, then shipped; never the working directory)."""
+    policy = active()
+    if policy is not None:
+        return policy.recipe_file(ref, relative_to, RECIPES_DIR)
     candidates = [Path(ref).expanduser()]
     if relative_to is not None and not Path(ref).is_absolute():
         candidates.insert(0, relative_to / ref)
@@ -34,9 +43,13 @@ def _mapping(parse: Callable[[], Any], source: str | Path) -> DictConfig:
     try:
         cfg = parse()
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    except Exception as exc:  # yaml.YAMLError carries line/column in its message
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{source}: {str(exc).splitlines()[0]}") from None
+    except yaml.MarkedYAMLError as exc:  # the problem and where, without yaml's snippet of the text
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML: {exc.problem or exc.context}{where}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid YAML ({type(exc).__name__})") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{source}: a recipe must be a mapping of sections")
     return cfg
@@ -49,7 +62,11 @@ def _with_bases(cfg: DictConfig, find_base: Callable[[str], Path], chain: tuple[
         return cfg
     merged = OmegaConf.create()
     for ref in [base] if isinstance(base, str) else list(base):
-        merged = OmegaConf.merge(merged, read_config(find_base(str(ref)), chain))
+        try:
+            path = find_base(str(ref))
+        except ConfigError as exc:
+            raise ConfigError(f"base: {exc}") from None
+        merged = OmegaConf.merge(merged, read_config(path, chain))
     return OmegaConf.merge(merged, cfg)
 
 
@@ -65,13 +82,18 @@ def _to_dict(cfg: DictConfig, source: str | Path, overrides: list[str] | tuple[s
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. training.learning_rate=1e-5")
+    policy = active()
     try:
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        if policy is not None:
+            policy.interpolations(OmegaConf.to_container(cfg, resolve=False), str(source))
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{source}: {str(exc).splitlines()[0]}") from None
     assert isinstance(data, dict)
+    if policy is not None:  # `\${oc.env:X}` is `${oc.env:X}` now, and a run would resolve it
+        policy.interpolations(data, str(source))
     return data
 
 
@@ -90,14 +112,15 @@ def load_text(text: str, source: str, find_base: Callable[[str], Path]) -> dict[
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, semantic: bool = True) -> Recipe:
     """Load, merge and validate a recipe. Raises ConfigError with every problem found."""
-    data = load_dict(path, overrides)
-    recipe = parse(data, source=str(path))
-    return check(recipe, source=str(path)) if semantic else recipe
+    return recipe_from_dict(load_dict(path, overrides), source=str(path), semantic=semantic)
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe", semantic: bool = True) -> Recipe:
-    """Validate an in-memory recipe (web UI, pipelines)."""
+    """Validate an in-memory recipe (web UI, pipelines); confined, its outside references first."""
     recipe = parse(data, source=source)
+    policy = active()
+    if policy is not None:
+        policy.resolve_refs(recipe, source)
     return check(recipe, source=source) if semantic else recipe
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llmtune.config.confine import active
 from llmtune.config.load import find_recipe, read_config
 from llmtune.config.schema import STAGES, Recipe, check, parse
 from llmtune.errors import ConfigError, hint
@@ -46,6 +47,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                   output_dir: str | None = None) -> list[PipelineStage]:
     """Split a pipeline file into validated per-stage recipes with their run directories."""
     source = str(path)
+    if active() is not None:  # its ${run:...} and stage files are resolved here, outside the confinement
+        raise ConfigError(f"{source}: pipelines (stages:) run with `llmtune train` on the command line, not "
+                          "from the web UI")
     cfg = read_config(find_recipe(source, None))
     try:
         if overrides:

@@ -24,9 +24,13 @@ Stage = Literal["sft", "rm", "dpo", "rs", "ppo"]
 
 
 def _f(default: Any = dataclasses.MISSING, *, doc: str, ge: float | None = None, le: float | None = None,
-       gt: float | None = None, lt: float | None = None, factory: Any = None) -> Any:
-    """A dataclass field carrying its documentation and numeric range (used by README reference)."""
-    meta = {"doc": doc, "ge": ge, "le": le, "gt": gt, "lt": lt}
+       gt: float | None = None, lt: float | None = None, factory: Any = None, ref: str | None = None) -> Any:
+    """A dataclass field carrying its documentation and numeric range (used by README reference).
+
+    `ref` marks a key that reaches outside the recipe: "path" (a file or directory), "data" (a path
+    or `package:` data), "model" (a registry name or a model directory), "rule" (a Python function),
+    "env" (an environment variable). The web UI confines each kind (config/confine.py)."""
+    meta = {"doc": doc, "ge": ge, "le": le, "gt": gt, "lt": lt, "ref": ref}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -46,7 +50,7 @@ class LoraSection:
 
 @dataclass
 class ModelSection:
-    name: str = _f(REQUIRED, doc="Model registry name (`llmtune models`), hub id, or local directory.")
+    name: str = _f(REQUIRED, doc="Model registry name (`llmtune models`), hub id, or local directory.", ref="model")
     finetuning: Literal["lora", "qlora", "full"] = _f(
         "lora", doc="lora: adapters on a frozen base; qlora: adapters on a 4-bit base (CUDA); full: all weights.")
     lora: LoraSection = _f(doc="LoRA adapter settings (lora and qlora).", factory=LoraSection)
@@ -60,7 +64,7 @@ class ModelSection:
 @dataclass
 class DatasetSection:
     name: str | None = _f(None, doc="Data registry entry (`llmtune datasets`).")
-    path: str | None = _f(None, doc="Local copy: a file or directory of jsonl/json/jsonl.gz/csv/parquet.")
+    path: str | None = _f(None, doc="Local copy: a file or directory of jsonl/json/jsonl.gz/csv/parquet.", ref="data")
     split: str = _f("train", doc="Split to train on.")
     eval_split: str | None = _f(None, doc="Split to evaluate on (e.g. test).")
     eval_fraction: float = _f(0.0, doc="Fraction of rows held out for eval when no eval_split.", ge=0, lt=1)
@@ -81,7 +85,7 @@ class DataSection(DatasetSection):
     datasets: list[DatasetSection] | None = _f(None, doc="A list of dataset entries to mix (instead of name/path).")
     max_length: int = _f(512, doc="Max tokens per example; history is trimmed from the left to keep the response.", ge=8)
     max_prompt_length: int | None = _f(None, doc="Max prompt tokens (preference and prompt stages); default max_length/2.", ge=4)
-    registry: list[str] = _f(doc="Extra data registry JSON files to read.", factory=list)
+    registry: list[str] = _f(doc="Extra data registry JSON files to read.", factory=list, ref="path")
 
 
 @dataclass
@@ -128,7 +132,8 @@ class GenerationSection:
 @dataclass
 class RewardSection:
     type: Literal["reward_model", "classifier", "judge", "rule", "mix"] = _f(REQUIRED, doc="Reward source kind.")
-    model: str | None = _f(None, doc="reward_model: rm run dir or model path; classifier: hub id or path; judge: local LLM.")
+    model: str | None = _f(None, doc="reward_model: rm run dir or model path; classifier: hub id or path; judge: local LLM.",
+                           ref="model")
     label_index: int = _f(0, doc="classifier: index of the logit used as reward.", ge=0)
     transform: Literal["none", "sigmoid", "softmax", "log_softmax"] = _f(
         "none", doc="classifier: transform applied to logits before taking label_index.")
@@ -136,11 +141,11 @@ class RewardSection:
         "response", doc="classifier: score the response alone (toxicity, sentiment) or prompt+response as a text pair.")
     endpoint: str | None = _f(None, doc="judge: base URL of an OpenAI-compatible server (…/v1).")
     judge_model: str | None = _f(None, doc="judge: model name sent to the endpoint.")
-    api_key_env: str | None = _f(None, doc="judge: environment variable holding the endpoint's API key.")
+    api_key_env: str | None = _f(None, doc="judge: environment variable holding the endpoint's API key.", ref="env")
     template: str | None = _f(None, doc="judge: prompt template with {prompt} and {response}.")
     score_range: list[float] = _f(doc="judge: [min, max] of the asked score; answers are clamped.", factory=lambda: [0.0, 10.0])
     fallback: float = _f(0.0, doc="judge: reward when the answer holds no number.")
-    function: str | None = _f(None, doc="rule: dotted path `package.module:function`.")
+    function: str | None = _f(None, doc="rule: dotted path `package.module:function`.", ref="rule")
     kwargs: dict[str, Any] = _f(doc="rule: keyword arguments for the function.", factory=dict)
     components: list[RewardSection] | None = _f(None, doc="mix: the weighted reward sources.")
     weight: float = _f(1.0, doc="Weight of this source inside a mix.")
@@ -199,7 +204,8 @@ class PpoSection:
     reward_clip: float | None = _f(None, doc="Clip rewards to [-x, x].", gt=0)
     missing_eos_penalty: float | None = _f(None, doc="Subtracted from the reward of responses that do not end.", ge=0)
     value_model: Literal["shared", "separate"] = _f("shared", doc="Value head on the policy trunk, or a separate model.")
-    value_model_path: str | None = _f(None, doc="Initial weights of a separate value model (default: the reward model).")
+    value_model_path: str | None = _f(None, doc="Initial weights of a separate value model (default: the reward model).",
+                                      ref="model")
     sample_every: int = _f(10, doc="Write sample rollouts every N steps.", ge=1)
     generation: GenerationSection = _f(doc="Rollout sampling settings.", factory=GenerationSection)
 
@@ -215,9 +221,9 @@ class DistributedSection:
     zero_stage: int = _f(2, doc="DeepSpeed ZeRO stage (2 or 3).", ge=2, le=3)
     offload_optimizer: bool = _f(False, doc="DeepSpeed: offload optimizer states to CPU.")
     offload_params: bool = _f(False, doc="DeepSpeed ZeRO-3: offload parameters to CPU.")
-    deepspeed_config: str | None = _f(None, doc="Your own DeepSpeed JSON (replaces the generated one).")
-    accelerate_config: str | None = _f(None, doc="Your own accelerate config file.")
-    hostfile: str | None = _f(None, doc="DeepSpeed hostfile for multi-node launches.")
+    deepspeed_config: str | None = _f(None, doc="Your own DeepSpeed JSON (replaces the generated one).", ref="path")
+    accelerate_config: str | None = _f(None, doc="Your own accelerate config file.", ref="path")
+    hostfile: str | None = _f(None, doc="DeepSpeed hostfile for multi-node launches.", ref="path")
     backend: str | None = _f(None, doc="torch.distributed backend; default nccl on CUDA, gloo on CPU.")
 
 
@@ -228,7 +234,7 @@ class Recipe:
     data: DataSection = _f(REQUIRED, doc="Training (and eval) data.")
     training: TrainingSection = _f(doc="Optimisation, logging and saving.", factory=TrainingSection)
     distributed: DistributedSection = _f(doc="Multi-GPU / multi-node settings.", factory=DistributedSection)
-    output_dir: str | None = _f(None, doc="Run directory; default runs/<stage>-<model>-<time>.")
+    output_dir: str | None = _f(None, doc="Run directory; default runs/<stage>-<model>-<time>.", ref="path")
     description: str = _f("", doc="Free text shown in listings.")
     reward: RewardSection | None = _f(None, doc="Reward source (rs, ppo).")
     rm: RmSection = _f(doc="Reward-model stage settings.", factory=RmSection)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtune.config.confine import active
 from llmtune.errors import ConfigError, hint
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -83,6 +84,9 @@ def _entry(name: str, raw: Any, file: Path, is_user: bool) -> DatasetEntry:
     path = raw.get("path")
     if path and is_user and not path.startswith(PACKAGE_PREFIX):
         path = str(resolve_path(path, file.parent))
+    policy = active()
+    if path and policy is not None and policy.contains(file):  # a registry the web UI's recipes may name
+        policy.data(path, f"{where}: path")
     for key, typ in (("splits", dict), ("options", dict), ("subsets", list)):
         if key in raw and raw[key] is not None and not isinstance(raw[key], typ):
             raise ConfigError(f"{where}: '{key}' must be a {'object' if typ is dict else 'list'}")

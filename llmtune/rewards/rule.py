@@ -6,7 +6,8 @@ Calling convention, decided by the function's first parameter name:
   - `prompts` → batch: `fn(prompts, responses, **kwargs) -> list[float]` (one call per batch);
   - anything else → per sample: `fn(prompt, response, **kwargs) -> float`.
 `prompt`/`prompts` are canonical message lists, responses plain strings. The module must be
-importable (installed, or on PYTHONPATH / the working directory).
+importable (installed, or on PYTHONPATH / the working directory). Under the web UI's confinement
+only allow-listed modules are imported (`llmtune webui --rule-module`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from llmtune.config.confine import active
 from llmtune.config.schema import RewardSection
 from llmtune.errors import ConfigError
 from llmtune.rewards.base import Message, RewardError, check_pairs
@@ -27,6 +29,9 @@ def import_function(path: str, where: str) -> Callable[..., Any]:
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"{where}: expected 'package.module:function', got '{path}'")
+    policy = active()
+    if policy is not None:
+        policy.rule(path, where)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

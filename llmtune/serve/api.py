@@ -5,6 +5,12 @@ POST /v1/score (reward models). Request bodies are validated here by hand rather
 pydantic models so every error, whatever the cause, comes back in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the parameter named.
 
+Hardened for a shared machine: bodies over `max_body_bytes` are refused (413) from Content-Length
+or while streaming in, before any parsing; JSON nested deeper than MAX_DEPTH is refused; the bearer
+scheme is case-insensitive and the key compared in constant time; responses never carry absolute
+server paths (model references are shown relative to the working directory) nor internal error
+details (those go to the server log).
+
 Generation never runs on the event loop: non-streamed calls wait in a thread pool and streamed
 ones are sync generators that Starlette iterates in a thread pool, so one long stream does not hold
 up other requests; each engine's own FIFO worker keeps one generate call per model at a time.
@@ -13,12 +19,15 @@ up other requests; each engine's own FIFO worker keeps one generate call per mod
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
+import logging
 import math
 import socket
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,6 +38,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmtune.serve.engine import Engine, RequestError, Settings, check_messages
 
 MAX_N = 16
+MAX_DEPTH = 32  # JSON nesting; an OpenAI chat body needs 5 (body → messages → message → content → part)
+MAX_BODY_BYTES = 4 * 2**20
+log = logging.getLogger("llmtune.serve")
 
 
 class APIError(Exception):
@@ -95,7 +107,8 @@ def settings_from(body: dict[str, Any], default_max_tokens: int) -> Settings:
 class Server:
     """The engines by name plus the request handling that does not depend on FastAPI."""
 
-    def __init__(self, engines: list[Engine], api_key: str | None = None, default_max_tokens: int = 256):
+    def __init__(self, engines: list[Engine], api_key: str | None = None, default_max_tokens: int = 256,
+                 max_body_bytes: int = MAX_BODY_BYTES):
         self.engines: dict[str, Engine] = {}
         for e in engines:
             if e.name in self.engines:
@@ -103,13 +116,14 @@ class Server:
             self.engines[e.name] = e
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
+        self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
 
     def check_auth(self, request: Request) -> None:
         if self.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {self.api_key}":
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
                            "invalid_api_key", "authentication_error")
 
@@ -132,7 +146,8 @@ class Server:
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": self.created, "owned_by": "llmtune", "llmtune": e.info()}
+            {"id": name, "object": "model", "created": self.created, "owned_by": "llmtune",
+             "llmtune": {**e.info(), "ref": public_ref(e.ref)}}
             for name, e in self.engines.items()]}
 
     def completion(self, engine: Engine, messages: list[dict[str, str]], settings: Settings) -> dict[str, Any]:
@@ -162,6 +177,7 @@ class Server:
             return f"data: {json.dumps(obj)}\n\n"
 
         prompt_tokens = completion_tokens = 0
+        # Headers are sent: a failure is reported in-band, as OpenAI does, and the stream still ends.
         try:
             for i in range(settings.n):
                 seed = None if settings.seed is None else settings.seed + i
@@ -176,23 +192,74 @@ class Server:
                 prompt_tokens = stream.prompt_tokens
                 completion_tokens += stream.tokens
                 yield chunk(i, {}, stream.finish_reason)
-        except RequestError as exc:  # headers are sent: report in-band, as OpenAI does
+        except RequestError as exc:
             yield f"data: {json.dumps(APIError(400, str(exc), exc.param, exc.code).body())}\n\n"
-            return
-        if include_usage:
-            yield chunk(-1, {}, None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                       "total_tokens": prompt_tokens + completion_tokens})
+        except Exception as exc:
+            log.error("streamed completion failed", exc_info=exc)
+            yield f"data: {json.dumps(internal_error(exc).body())}\n\n"
+        else:
+            if include_usage:
+                yield chunk(-1, {}, None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                           "total_tokens": prompt_tokens + completion_tokens})
         yield "data: [DONE]\n\n"
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+def internal_error(exc: BaseException) -> APIError:
+    """A 500 for the client that names only the exception type: its text may hold server paths."""
+    return APIError(500, f"internal error ({type(exc).__name__}); the server log has the details", None,
+                    "internal_error", "server_error")
+
+
+def public_ref(ref: str) -> str:
+    """A model reference as clients see it: registry names and hub ids as given, local paths relative
+    to the server's working directory, else only the directory name (never an absolute path)."""
+    path = Path(ref).expanduser()
+    if not path.exists():
+        return ref
+    path = path.resolve()
     try:
-        body = json.loads(raw)
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return path.name
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node)
+                         if isinstance(v, (dict, list)))
+    return deepest
+
+
+async def _json_body(request: Request, limit: int) -> dict[str, Any]:
+    """The JSON object of a request, refusing oversized bodies before reading (Content-Length) or
+    as soon as the streamed bytes pass LIMIT, and nesting deeper than MAX_DEPTH."""
+    too_large = APIError(413, f"the request body is larger than the {limit} bytes this server accepts "
+                         "(llmtune serve --max-body-mb)", None, "request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    deep = APIError(400, f"the request body nests JSON deeper than {MAX_DEPTH} levels", None, "invalid_json")
+    try:
+        body = json.loads(b"".join(chunks))
+    except RecursionError:
+        raise deep from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    if json_depth(body) > MAX_DEPTH:
+        raise deep
     return body
 
 
@@ -214,9 +281,8 @@ def create_app(server: Server) -> FastAPI:
                             status_code=exc.status_code)
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error", "server_error")
-        return JSONResponse(err.body(), status_code=500)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:  # Starlette re-raises it to the log
+        return JSONResponse(internal_error(exc).body(), status_code=500)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -230,7 +296,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Any:
         server.check_auth(request)
-        body = await _json_body(request)
+        body = await _json_body(request, server.max_body_bytes)
         engine = server.engine(body, generates=True)
         if "messages" not in body:
             raise APIError(400, "'messages' is required", "messages", "missing_required_parameter")
@@ -242,7 +308,10 @@ def create_app(server: Server) -> FastAPI:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise APIError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
-        await run_in_threadpool(engine.check_prompt, messages, settings)
+        if not await run_in_threadpool(engine.check_prompt, messages, settings):
+            raise APIError(400, f"the messages make an empty prompt for '{engine.name}' (its chat template shows "
+                           "no conversation without a user message); add a user message", "messages",
+                           "invalid_value")
         if stream:
             return StreamingResponse(server.stream(engine, messages, settings, bool(options.get("include_usage"))),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -252,7 +321,7 @@ def create_app(server: Server) -> FastAPI:
     async def score(request: Request) -> dict[str, Any]:
         """Body: {"model", "pairs": [{"prompt": str | messages, "response": str}, ...]}."""
         server.check_auth(request)
-        body = await _json_body(request)
+        body = await _json_body(request, server.max_body_bytes)
         engine = server.engine(body, generates=False)
         pairs = body.get("pairs")
         if not isinstance(pairs, list) or not pairs:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from llmtune.errors import ConfigError
+
+
+def loopback(host: str) -> bool:
+    """Whether HOST only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -61,11 +72,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("serve: give at least one MODEL (or --name NAME=MODEL)")
     if args.port < 0 or args.port > 65535:
         raise ConfigError(f"--port: {args.port} is not a port number")
+    if not args.max_body_mb > 0:
+        raise ConfigError(f"--max-body-mb: must be > 0, got {args.max_body_mb}")
+    if not loopback(args.host) and not args.api_key:
+        print(f"llmtune serve: warning: listening on {args.host} without --api-key: anyone who reaches this "
+              "port can use the models", file=sys.stderr, flush=True)
     engines = []
     for name, ref in refs:
         print(f"llmtune serve: loading {ref}", file=sys.stderr, flush=True)
         engines.append(Engine.load(ref, name=name))
-    server = Server(engines, api_key=args.api_key, default_max_tokens=args.max_tokens)
+    server = Server(engines, api_key=args.api_key, default_max_tokens=args.max_tokens,
+                    max_body_bytes=int(args.max_body_mb * 2**20))
     run(server, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -115,6 +132,8 @@ def register(sub: Any) -> None:
     s.add_argument("--port", type=int, default=8000, help="port (0: any free port; the address is printed)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of requests without one")
+    s.add_argument("--max-body-mb", type=float, default=4.0,
+                   help="refuse request bodies larger than this many MiB with 413 (default 4)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 
