@@ -37,6 +37,8 @@ import yaml
 from llmtune.config.load import RECIPES_DIR, find_recipe, load_text, recipe_from_dict
 from llmtune.config.schema import Recipe
 from llmtune.errors import ConfigError
+from llmtune.runs.lock import describe
+from llmtune.runs.lock import holder as lock_holder
 from llmtune.runs.rundir import STATUS_FAILED, STATUS_RUNNING, RunDir
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -217,6 +219,7 @@ class Workspace:
         self.validate(text, source=name)
         merged = self.recipe_dict(text, name)
         path = self.runs_dir / name
+        _refuse_if_held(path, name)
         try:
             path.mkdir(parents=True)
         except FileExistsError:
@@ -232,6 +235,7 @@ class Workspace:
         row = self.run_row(path)
         if row.status in (STATUS_RUNNING, "starting"):
             raise ConfigError(f"run {name}: still {row.status}; stop it before resuming")
+        _refuse_if_held(path, name)
         recipe_file = path / "recipe.yaml"
         if not recipe_file.is_file():
             raise ConfigError(f"run {name}: has no recipe.yaml (it never started); launch it again instead")
@@ -351,6 +355,15 @@ class Workspace:
                 "license": "unknown",
             }
             _atomic_write(self.registry_file, json.dumps(data, indent=2) + "\n")
+
+
+def _refuse_if_held(path: Path, name: str) -> None:
+    """A run another process writes (a CLI `llmtune train`, another UI) holds its lock: never start a
+    second writer in it (the child would refuse too; this says so in the UI, naming the holder)."""
+    held = lock_holder(path)
+    if held is not None:
+        raise ConfigError(f"run {name}: in use by another llmtune process ({describe(held)}); wait for it or "
+                          "stop it first")
 
 
 # Popen handles of runs this UI process started, so finished children are reaped (no zombies that
