@@ -11,6 +11,7 @@ import random
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,10 +123,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def quiet_progress_bars() -> None:
-    """Off a terminal (a log file, `| tee`, the web UI's console.log) the libraries' tqdm bars (dataset
+def quiet_console() -> None:
+    """Keep a run's console to llmtune's own lines.
+
+    Off a terminal (a log file, `| tee`, the web UI's console.log) the libraries' tqdm bars (dataset
     passes, "Loading weights", "Writing model shards" at every checkpoint) only clutter the log; the
-    run prints one line per logging step instead."""
+    run prints one line per logging step instead. And peft 0.21 reads transformers 5's deprecated
+    `is_gradient_checkpointing` in every get_peft_model: a FutureWarning about library internals that
+    no user can act on."""
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if sys.stderr.isatty():
         return
     import datasets
@@ -175,12 +181,12 @@ def _run(recipe: Recipe, run: RunDir, recipe_yaml: str, resume: bool) -> dict[st
 
     module = stages.get(recipe.stage)
     run.start(recipe_yaml, recipe.training.seed, recipe.stage, resume)
-    setup_logging(run)
-    quiet_progress_bars()
-    log.info("run directory: %s (stage %s, model %s)", run.path, recipe.stage, recipe.model.name)
-    seed_everything(recipe.training.seed)
-    with stop_on_signals() as stop:
+    with stop_on_signals() as stop:  # from here on, run.json always ends with how the run ended
         try:
+            setup_logging(run)
+            quiet_console()
+            log.info("run directory: %s (stage %s, model %s)", run.path, recipe.stage, recipe.model.name)
+            seed_everything(recipe.training.seed)
             summary = module.run(recipe, Context(run=run, resume=resume, stop=stop))
         except KeyboardInterrupt:
             run.finish(STATUS_INTERRUPTED, error="aborted", signal=stop.signal)

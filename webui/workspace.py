@@ -235,7 +235,7 @@ class Workspace:
         row = self.run_row(path)
         if row.status in (STATUS_RUNNING, "starting"):
             raise ConfigError(f"run {name}: still {row.status}; stop it before resuming")
-        _refuse_if_held(path, name)
+        _refuse_if_held(path, name, settle_s=5.0)  # a just-stopped run is still exiting
         recipe_file = path / "recipe.yaml"
         if not recipe_file.is_file():
             raise ConfigError(f"run {name}: has no recipe.yaml (it never started); launch it again instead")
@@ -357,10 +357,13 @@ class Workspace:
             _atomic_write(self.registry_file, json.dumps(data, indent=2) + "\n")
 
 
-def _refuse_if_held(path: Path, name: str) -> None:
+def _refuse_if_held(path: Path, name: str, settle_s: float = 0.0) -> None:
     """A run another process writes (a CLI `llmtune train`, another UI) holds its lock: never start a
-    second writer in it (the child would refuse too; this says so in the UI, naming the holder)."""
-    held = lock_holder(path)
+    second writer in it (the child would refuse too; this says so in the UI, naming the holder).
+    `settle_s`: how long a run whose run.json is already final may take to exit and drop its lock."""
+    deadline = time.monotonic() + settle_s
+    while (held := lock_holder(path)) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
     if held is not None:
         raise ConfigError(f"run {name}: in use by another llmtune process ({describe(held)}); wait for it or "
                           "stop it first")
