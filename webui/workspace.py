@@ -226,7 +226,9 @@ class Workspace:
             raise ConfigError(f"run name: runs/{name} already exists; choose another name or resume it") from None
         recipe_file = path / "launch.yaml"
         recipe_file.write_text(yaml.safe_dump(merged, sort_keys=False))
-        self._spawn(path, ["train", str(recipe_file), "--output-dir", str(path)])
+        # --force: the directory is the one made just above, holding only the UI's own files
+        # (launch.yaml, console.log, launcher.json), which `llmtune train` would not take for a run.
+        self._spawn(path, ["train", str(recipe_file), "--output-dir", str(path), "--force"])
         return path
 
     def resume(self, name: str) -> Path:
