@@ -22,33 +22,58 @@ COMMAND_MODULES: list[str] = ["llmtune.launch.cli", "webui.cli", "llmtune.serve.
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from llmtune.runs.console import survive_closed_console
+
+    survive_closed_console()  # a `| tee` that dies with the Ctrl-C must not cost the checkpoint
     from llmtune.config.load import load_recipe
     from llmtune.config.pipeline import is_pipeline
 
     if is_pipeline(args.recipe):
         return train_pipeline(args)
     recipe = load_recipe(args.recipe, args.overrides)
-    from llmtune.train import resolve_run_dir, train
+    from llmtune.train import run_dir_for, train
 
-    run_dir = resolve_run_dir(recipe, args.output_dir, args.resume)
-    from llmtune.launch.relaunch import needs_relaunch, relaunch
+    run_dir = run_dir_for(recipe, args.output_dir)
+    from llmtune.launch.relaunch import needs_relaunch
 
     if needs_relaunch(recipe):  # more than one process: the same command through accelerate launch
-        return relaunch(recipe, args.recipe, args.overrides, run_dir, args.resume)
-    summary = train(recipe, run_dir, resume=args.resume)
-    from llmtune.runs.rundir import is_main_process
+        return _relaunch_locked(recipe, args.recipe, args.overrides, run_dir, args.resume, args.force)
+    return _report(train(recipe, run_dir, resume=args.resume, force=args.force))
+
+
+def _relaunch_locked(recipe: Any, recipe_path: str, overrides: list[str], run_dir: Path, resume: bool,
+                     force: bool) -> int:
+    """Relaunch through accelerate while this process holds the run's lock for its workers (on the
+    first node; the others' launchers neither lock nor check)."""
+    from llmtune.config.load import dump
+    from llmtune.launch.relaunch import relaunch
+    from llmtune.train import claimed
+
+    with claimed(run_dir, dump(recipe), resume, force, owner=recipe.distributed.machine_rank == 0) as done:
+        if done is not None:
+            return _report({"status": "completed", "run_dir": str(run_dir), "already_completed": True,
+                            **(done.get("summary") or {})})
+        return relaunch(recipe, recipe_path, overrides, run_dir, resume)
+
+
+def _report(summary: dict[str, Any]) -> int:
+    """Print the summary as one JSON line (rank 0) and map the outcome to the exit code."""
+    from llmtune.runs.rundir import exit_code, is_main_process
 
     if is_main_process():
+        if summary.get("already_completed"):
+            print(f"llmtune: {summary['run_dir']} already completed with this recipe: nothing to do, nothing "
+                  "rewritten (change the recipe, e.g. training.max_steps, to continue it)", file=sys.stderr)
         print(json.dumps(summary, default=str))
-    return 0 if summary["status"] == "completed" else 130
+    return exit_code(summary["status"], summary.get("signal"))
 
 
 def train_pipeline(args: argparse.Namespace) -> int:
     """Run a pipeline's stages in order; completed stages are skipped, interrupted ones resumed."""
     from llmtune.config.load import dump
     from llmtune.config.pipeline import load_pipeline, summary_lines
-    from llmtune.launch.relaunch import needs_relaunch, relaunch
-    from llmtune.runs.rundir import RunDir, is_main_process
+    from llmtune.launch.relaunch import needs_relaunch
+    from llmtune.runs.rundir import RunDir, exit_code, is_main_process
     from llmtune.train import train
 
     stages = load_pipeline(args.recipe, args.overrides, args.output_dir)
@@ -56,24 +81,23 @@ def train_pipeline(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     code = 0
     for st in stages:
-        run = RunDir(st.run_dir)
-        info = run.info()
+        info = RunDir(st.run_dir).info()
         if info.get("status") == "completed":
             print(f"[{st.name}] already completed in {st.run_dir}: skipped", file=sys.stderr)
             results[st.name] = {"status": "completed", "run_dir": str(st.run_dir), "skipped": True}
             continue
-        resume = bool(info) and run.last_checkpoint() is not None
+        resume = bool(info)  # with no checkpoint yet, a resume restarts the stage cleanly
         print(f"[{st.name}] {'resuming' if resume else 'starting'} stage {st.recipe.stage} in {st.run_dir}",
               file=sys.stderr)
         if needs_relaunch(st.recipe):
-            st.run_dir.mkdir(parents=True, exist_ok=True)
             stage_file = st.run_dir.parent / f".{st.name}.recipe.yaml"
+            stage_file.parent.mkdir(parents=True, exist_ok=True)
             stage_file.write_text(dump(st.recipe))
-            code = relaunch(st.recipe, str(stage_file), [], st.run_dir, resume)
+            code = _relaunch_locked(st.recipe, str(stage_file), [], st.run_dir, resume, args.force)
             results[st.name] = {"status": "completed" if code == 0 else "failed", "run_dir": str(st.run_dir)}
         else:
-            results[st.name] = train(st.recipe, st.run_dir, resume=resume)
-            code = 0 if results[st.name]["status"] == "completed" else 130
+            results[st.name] = train(st.recipe, st.run_dir, resume=resume, force=args.force)
+            code = exit_code(results[st.name]["status"], results[st.name].get("signal"))
         if code != 0:
             break
     if is_main_process():
@@ -139,14 +163,37 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     import logging
 
     from llmtune.data.load import preview
+    from llmtune.data.registry import FORMATS, list_entries
+    from llmtune.errors import ConfigError
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    rows = preview(args.name, args.path, args.n, shape=args.shape, split=args.split,
-                   extra_registries=args.registry)
+    name, fmt, columns = args.name, None, None
+    if name in FORMATS and name not in list_entries(args.registry):  # a raw format: the rows come from --path
+        if not args.path:
+            raise ConfigError(f"data preview {name}: a data format needs --path FILE_OR_DIR")
+        name, fmt = None, args.name
+    if args.column:
+        if fmt != "columns":
+            raise ConfigError("data preview: --column goes with the 'columns' format")
+        columns = dict(_role_column(c) for c in args.column)
+    elif fmt == "columns":
+        raise ConfigError("data preview columns: map roles to columns with --column ROLE=COLUMN, e.g. "
+                          "--column prompt=question --column response=answer")
+    rows = preview(name, args.path, args.n, shape=args.shape, split=args.split, extra_registries=args.registry,
+                   format=fmt, columns=columns)
     out = sys.stdout
     for row in rows:
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return 0
+
+
+def _role_column(text: str) -> tuple[str, str]:
+    from llmtune.errors import ConfigError
+
+    role, sep, column = text.partition("=")
+    if not sep or not role or not column:
+        raise ConfigError(f"--column {text}: expected ROLE=COLUMN, e.g. prompt=question")
+    return role, column
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
@@ -168,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     t.add_argument("--output-dir", help="run directory (default: recipe output_dir or runs/<stage>-<model>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue the run in the output directory from its "
-                   "last checkpoint")
+                   "last checkpoint (from step 0, old metrics kept aside, when it has none; a completed run with "
+                   "the same recipe is left as it is)")
+    t.add_argument("--force", action="store_true", help="write into an output directory that is not empty and "
+                   "is not an llmtune run (refused otherwise)")
     t.set_defaults(func=cmd_train)
 
     v = sub.add_parser("validate", help="check recipes without loading any model",
@@ -190,8 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     pv = dsub.add_parser("preview", help="print canonical rows as JSON lines on stdout")
-    pv.add_argument("name", help="data registry name (or 'canonical' / 'columns' with --path)")
-    pv.add_argument("--path", help="local copy of the dataset")
+    pv.add_argument("name", help="data registry name, or a raw format (canonical, columns, hh, ...) read from --path")
+    pv.add_argument("--path", help="local copy of the dataset (a file or a directory)")
+    pv.add_argument("--column", action="append", default=[], metavar="ROLE=COLUMN",
+                    help="with format 'columns': which column holds each role (prompt, response, chosen, "
+                    "rejected, system), e.g. --column prompt=question --column response=answer")
     pv.add_argument("-n", type=int, default=5, help="rows to print (0: all)")
     pv.add_argument("--shape", choices=["sft", "preference", "prompt"])
     pv.add_argument("--split", default="train")

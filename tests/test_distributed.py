@@ -90,7 +90,7 @@ def test_ddp_sigterm_to_the_launching_process_checkpoints_every_rank_at_one_step
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 130, out + err
+    assert proc.returncode == 143, out + err
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "interrupted"
     checkpoints = list((run / "checkpoints").glob("checkpoint-*"))

@@ -186,7 +186,7 @@ class App:
         path = self.ws.launch(name, text)
         names = [r.name for r in self.ws.list_runs()]
         return (f"launched run {path.name}: `llmtune train runs/{path.name}/launch.yaml --output-dir "
-                f"runs/{path.name}` (detached; log in runs/{path.name}/console.log)",
+                f"runs/{path.name} --force` (detached; log in runs/{path.name}/console.log)",
                 gr.Dropdown(choices=names, value=path.name), self.runs_table(), default_run_name())
 
     def run_status(self, name: str | None) -> tuple[str, Any, str, dict[str, Any]]:

@@ -40,6 +40,8 @@ from llmtune.config.confine import RULE_MODULES, Confinement
 from llmtune.config.load import RECIPES_DIR, load_text, recipe_from_dict
 from llmtune.config.schema import Recipe
 from llmtune.errors import ConfigError
+from llmtune.runs.lock import describe
+from llmtune.runs.lock import holder as lock_holder
 from llmtune.runs.rundir import STATUS_FAILED, STATUS_RUNNING, RunDir
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -209,13 +211,16 @@ class Workspace:
         self.validate(text, source=name)
         merged = self.recipe_dict(text, name)
         path = self.runs_dir / name
+        _refuse_if_held(path, name)
         try:
             path.mkdir(parents=True)
         except FileExistsError:
             raise ConfigError(f"run name: runs/{name} already exists; choose another name or resume it") from None
         recipe_file = path / "launch.yaml"
         recipe_file.write_text(yaml.safe_dump(merged, sort_keys=False))
-        self._spawn(path, ["train", str(recipe_file), "--output-dir", str(path)])
+        # --force: the directory is the one made just above, holding only the UI's own files
+        # (launch.yaml, console.log, launcher.json), which `llmtune train` would not take for a run.
+        self._spawn(path, ["train", str(recipe_file), "--output-dir", str(path), "--force"])
         return path
 
     def resume(self, name: str) -> Path:
@@ -224,6 +229,7 @@ class Workspace:
         row = self.run_row(path)
         if row.status in (STATUS_RUNNING, "starting"):
             raise ConfigError(f"run {name}: still {row.status}; stop it before resuming")
+        _refuse_if_held(path, name, settle_s=5.0)  # a just-stopped run is still exiting
         recipe_file = path / "recipe.yaml"
         if not recipe_file.is_file():
             raise ConfigError(f"run {name}: has no recipe.yaml (it never started); launch it again instead")
@@ -343,6 +349,18 @@ class Workspace:
                 "license": "unknown",
             }
             _atomic_write(self.registry_file, json.dumps(data, indent=2) + "\n")
+
+
+def _refuse_if_held(path: Path, name: str, settle_s: float = 0.0) -> None:
+    """A run another process writes (a CLI `llmtune train`, another UI) holds its lock: never start a
+    second writer in it (the child would refuse too; this says so in the UI, naming the holder).
+    `settle_s`: how long a run whose run.json is already final may take to exit and drop its lock."""
+    deadline = time.monotonic() + settle_s
+    while (held := lock_holder(path)) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if held is not None:
+        raise ConfigError(f"run {name}: in use by another llmtune process ({describe(held)}); wait for it or "
+                          "stop it first")
 
 
 # Popen handles of runs this UI process started, so finished children are reaped (no zombies that

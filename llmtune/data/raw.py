@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,31 +94,69 @@ def _csv(path: Path) -> Iterator[Record]:
 
 
 def _parquet(path: Path) -> Iterator[Record]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
+    try:
+        table = pq.read_table(path)
+    except pyarrow.ArrowException as e:
+        raise DataError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
+    for n, row in enumerate(table.to_pylist(), 1):
         yield str(path), n, row
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _file_records(file: Path) -> Iterator[Record]:
+    kind = _suffix(file)
+    if kind is None:
+        raise DataError(f"unsupported data file {file}; supported: {', '.join(SUFFIXES)}")
+    if kind == ".jsonl":
+        yield from _jsonl(file, open)
+    elif kind == ".jsonl.gz":
+        yield from _jsonl(file, gzip.open)
+    elif kind == ".json":
+        yield from _json(file)
+    elif kind == ".csv":
+        yield from _csv(file)
+    else:
+        yield from _parquet(file)
+
+
+def _guarded(file: Path, records: Iterator[Record]) -> Iterator[Record]:
+    """A file that cannot be read at all (binary, corrupt, unreadable) is one DataError naming it and
+    the last row read, not a traceback from deep inside a decoder."""
+    line = 0
+    try:
+        for record in records:
+            line = record[1]
+            yield record
+    except UnicodeDecodeError:
+        where = f" after line {line}" if line else ""
+        raise DataError(f"{file}: not UTF-8 text{where} (a binary file?)") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        where = f" after line {line}" if line else ""
+        raise DataError(f"{file}: not a valid gzip file{where} ({_first_line(e)})") from None
+    except csv.Error as e:
+        raise DataError(f"{file}: unreadable CSV after line {line} ({_first_line(e)})") from None
+    except OSError as e:
+        raise DataError(f"{file}: cannot read: {e.strerror or _first_line(e)}") from None
 
 
 def read_records(path: str | Path, split: str | None = None) -> Iterator[Record]:
     """Yield every raw row under `path` (a file or a directory) in a stable order."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"data path not found: {path}")
-    for file in _files(path, split):
-        kind = _suffix(file)
-        if kind is None:
-            raise DataError(f"unsupported data file {file}; supported: {', '.join(SUFFIXES)}")
-        if kind == ".jsonl":
-            yield from _jsonl(file, open)
-        elif kind == ".jsonl.gz":
-            yield from _jsonl(file, gzip.open)
-        elif kind == ".json":
-            yield from _json(file)
-        elif kind == ".csv":
-            yield from _csv(file)
-        else:
-            yield from _parquet(file)
+    try:
+        if not path.exists():
+            raise DataError(f"data path not found: {path}")
+        files = _files(path, split)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or _first_line(e)}") from None
+    for file in files:
+        yield from _guarded(file, _file_records(file))
 
 
 def hub_records(hub_id: str, split: str, subset: str | None = None) -> Iterator[Record]:

@@ -8,11 +8,13 @@ workers with torchrun (DDP, and DeepSpeed on one node) or DeepSpeed's own multi-
 (`deepspeed --hostfile`, via pdsh, when `distributed.hostfile` is set).
 
 The parent resolves the run directory first and passes it as --output-dir, so every worker (and a
-default timestamped directory) agrees on where the run goes. On CPU the workers run DDP over gloo.
+default timestamped directory) agrees on where the run goes. It also checks the directory and holds
+the run's lock (runs/lock.py) until the workers are done; LLMTUNE_LOCKED_RUN tells them so, and they
+neither lock nor check again. On CPU the workers run DDP over gloo.
 
 Signals: the launcher forwards one SIGINT/SIGTERM to each worker, which saves a checkpoint and stops
 (torchrun gives them SHUTDOWN_TIMEOUT_S before SIGKILL). The parent ignores Ctrl-C itself and
-forwards SIGTERM, so it never exits before its workers.
+forwards SIGTERM, so it never exits before its workers; it exits 130 / 143 like a one-process run.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from typing import Any
 
 from llmtune.config.schema import Recipe, cuda_present
 from llmtune.errors import ConfigError
-from llmtune.runs.rundir import STATUS_DONE, STATUS_INTERRUPTED, RunDir
+from llmtune.runs.lock import PARENT_HOLDS
+from llmtune.runs.rundir import STATUS_DONE, STATUS_INTERRUPTED, RunDir, exit_code
 
 LAUNCH_ENV = ("LOCAL_RANK", "RANK")
-EXIT_INTERRUPTED = 130
 SHUTDOWN_TIMEOUT_S = 600
 
 
@@ -114,13 +116,13 @@ def train_args(recipe_path: str, overrides: list[str], run_dir: Path, resume: bo
 
 def relaunch(recipe: Recipe, recipe_path: str, overrides: list[str], run_dir: Path, resume: bool) -> int:
     """Run the recipe in `world_size` workers and wait; exit code like a single-process run
-    (0 completed, 130 interrupted, else the launcher's failure code)."""
+    (0 completed, 130 / 143 interrupted by SIGINT / SIGTERM, else the launcher's failure code)."""
     if recipe.distributed.hostfile and not shutil.which("pdsh"):
         raise ConfigError("distributed.hostfile: multi-node DeepSpeed with a hostfile needs `pdsh` on this "
                           "machine; install it, or drop hostfile and run the command on every node")
     cmd = launch_command(recipe, train_args(recipe_path, overrides, run_dir, resume), run_dir)
     print(f"[llmtune] launching {world_size(recipe)} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, env=launch_env())
+    proc = subprocess.Popen(cmd, env={**launch_env(), PARENT_HOLDS: str(run_dir.resolve())})
 
     def forward(signum: int, _frame: Any) -> None:
         proc.send_signal(signum)
@@ -133,9 +135,9 @@ def relaunch(recipe: Recipe, recipe_path: str, overrides: list[str], run_dir: Pa
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    status = RunDir(run_dir).info().get("status")
-    if status == STATUS_DONE and rc == 0:
+    info = RunDir(run_dir).info()
+    if info.get("status") == STATUS_DONE and rc == 0:
         return 0
-    if status == STATUS_INTERRUPTED:
-        return EXIT_INTERRUPTED
+    if info.get("status") == STATUS_INTERRUPTED:
+        return exit_code(STATUS_INTERRUPTED, info.get("signal"))
     return rc or 1

@@ -20,6 +20,7 @@ from llmtune.config.schema import Recipe
 from llmtune.data.templates import ChatTemplate, install_chat_template
 from llmtune.errors import ConfigError
 from llmtune.registry.models import META_FILE, ModelSpec, detect_kind, resolve_model
+from llmtune.runs.rundir import follow_umask
 
 log = logging.getLogger("llmtune.modeling")
 
@@ -215,6 +216,7 @@ def save_model(model: Any, tok: Any, out: Path, spec: ModelSpec, recipe: Recipe,
     state_dict: weights gathered elsewhere (a ZeRO-3 model holds only its shard of each tensor)."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    follow_umask(out)
     tok.save_pretrained(out)
     base = spec.base or spec
     meta = {

@@ -144,6 +144,12 @@ def resolve_model(name: str, template: str | None = None) -> ModelSpec:
     path = Path(name).expanduser()
     if path.is_dir():
         return _from_directory(name, path.resolve(), template)
+    if HUB_ID.match(name) and path.parent.is_dir():
+        # `runs/typo` next to a local runs/ directory is a mistyped path, not the hub model of a user
+        # named "runs": say so here instead of failing later on the network (or, offline, the cache).
+        entries = [p.name for p in path.parent.iterdir() if p.is_dir()]
+        raise ConfigError(f"no such model directory: {name} (the directory {path.parent}/ exists here but holds "
+                          f"no '{path.name}'){hint(path.name, entries) if entries else ''}")
     if HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         for reg_name, entry in models.items():  # a hub id the registry knows keeps its template
             if entry.get("hub_id") == name:

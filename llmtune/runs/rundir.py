@@ -1,20 +1,25 @@
 """The run directory: the one place a run's outputs go, and what the web UI and `eval` read.
 
     <run>/recipe.yaml      resolved recipe (what actually ran)
-    <run>/run.json         status (running|completed|interrupted|failed), versions, times, seed, pid
+    <run>/run.json         status (running|completed|interrupted|failed), signal, times, seed, pid, host,
+                           provenance: recipe_sha256, versions (python, libraries, llmtune + git commit)
     <run>/metrics.jsonl    one JSON object per logging step: {"step": N, "loss": ..., ...}
+    <run>/metrics.<time>.jsonl  the curve of an attempt that restarted from step 0 (kept, never mixed in)
     <run>/checkpoints/     checkpoint-N/ (resumable)
     <run>/model/           final model or adapter + tokenizer + llmtune.json
     <run>/train.log        the log lines
+    <run>/.llmtune.lock    present while a process writes the run (runs/lock.py)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +27,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmtune.runs.console import say
+
 STATUS_RUNNING, STATUS_DONE, STATUS_INTERRUPTED, STATUS_FAILED = "running", "completed", "interrupted", "failed"
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+"""Exit status of a run stopped by a signal: 128 + the signal number, as a shell reports it."""
+
+
+def exit_code(status: str, signal_name: str | None = None) -> int:
+    """0 for a completed run; 130 / 143 for one interrupted by SIGINT / SIGTERM; 1 otherwise."""
+    if status == STATUS_DONE:
+        return 0
+    if status == STATUS_INTERRUPTED:
+        return EXIT_CODES.get(signal_name or "SIGINT", 130)
+    return 1
 
 
 def is_main_process() -> bool:
@@ -39,7 +57,38 @@ def _versions() -> dict[str, str]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             continue
+    commit = _git_commit()
+    if commit:
+        out["llmtune_git"] = commit
     return out
+
+
+def _git_commit() -> str | None:
+    """The commit of the llmtune checkout this runs from (with "-dirty" for local changes), or None
+    for an installed wheel."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def follow_umask(root: Path) -> None:
+    """Give the *.safetensors files under ROOT the mode any new file gets (0666 & ~umask, 0644 typically).
+
+    safetensors 0.8 writes through a temporary file that is always created 0600 and renamed into
+    place (safetensors#782), so a model saved into a shared team directory would be unreadable to
+    the team while its config.json next to it is readable."""
+    mask = os.umask(0o022)  # reading the umask means setting it; restored on the next line
+    os.umask(mask)
+    for path in root.rglob("*.safetensors"):
+        os.chmod(path, 0o666 & ~mask)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -83,17 +132,20 @@ class RunDir:
         _atomic_write(self.path / "run.json", json.dumps(info, indent=2, default=str) + "\n")
 
     def start(self, recipe_yaml: str, seed: int, stage: str, resume: bool) -> None:
+        """Record a (re)start. The run.json written here is what makes the directory an llmtune run;
+        it also pins down what ran: the recipe's hash and every library version."""
         if not self.main:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         if not resume:  # a restarted failed run must not inherit the old curve
-            self.metrics_file.unlink(missing_ok=True)
+            self.restart_metrics()
         _atomic_write(self.path / "recipe.yaml", recipe_yaml)
         info = self.info() if resume else {}
         self.update(
             status=STATUS_RUNNING, stage=stage, seed=seed, pid=os.getpid(), host=socket.gethostname(),
             started=info.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), ended=None,
-            resumed=info.get("resumed", 0) + (1 if resume else 0), versions=_versions(), error=None,
+            resumed=info.get("resumed", 0) + (1 if resume else 0), error=None, signal=None,
+            recipe_sha256=hashlib.sha256(recipe_yaml.encode()).hexdigest(), versions=_versions(),
         )
 
     def finish(self, status: str, error: str | None = None, **extra: Any) -> None:
@@ -117,6 +169,21 @@ class RunDir:
             except json.JSONDecodeError:
                 continue  # a line being written right now
         return rows
+
+    def restart_metrics(self) -> None:
+        """Training starts again from step 0: move the old curve aside (metrics.<time>.jsonl) so the
+        new one is a single increasing sequence and nothing recorded is lost."""
+        if not self.main or not self.metrics_file.exists():
+            return
+        if not self.metrics_file.stat().st_size:
+            self.metrics_file.unlink()
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.metrics_file.stat().st_mtime))
+        target, n = self.path / f"metrics.{stamp}.jsonl", 1
+        while target.exists():
+            n += 1
+            target = self.path / f"metrics.{stamp}-{n}.jsonl"
+        os.replace(self.metrics_file, target)
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop rows logged after the checkpoint we continue from (they will be redone)."""
@@ -174,8 +241,10 @@ def stop_on_signals() -> Iterator[StopFlag]:
             raise KeyboardInterrupt
         flag.requested = True
         flag.signal = signal.Signals(signum).name
-        print(f"\n[llmtune] {flag.signal} received: saving a checkpoint and stopping "
-              "(send again to abort without saving)", flush=True)
+        # Only a flag and a best-effort note here: the checkpoint is written at the next step
+        # boundary, and nothing said on a console (maybe a dead `| tee`) can get in its way.
+        say(f"\n[llmtune] {flag.signal} received: saving a checkpoint and stopping "
+            "(send again to abort without saving)\n")
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -15,6 +15,7 @@ from typing import Any
 
 from llmtune.errors import ConfigError
 from llmtune.registry.models import META_FILE, ModelSpec, resolve_model
+from llmtune.runs.rundir import follow_umask
 
 AUTO = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
         "classifier": "AutoModelForSequenceClassification"}
@@ -66,6 +67,7 @@ def _export_merged(spec: ModelSpec, head: str, out: Path) -> dict[str, Any]:
     model = model.to("cpu")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    follow_umask(out)
     tok.save_pretrained(out)
     meta = {"kind": spec.kind, "template": spec.template, "head": head, "finetuning": "merged",
             "exported_from": spec.path, "base": None}

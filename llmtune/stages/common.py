@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from llmtune.config.schema import DATASET_FIELDS, Recipe
 from llmtune.registry.models import ModelSpec
-from llmtune.runs.rundir import RunDir, StopFlag
+from llmtune.runs.rundir import RunDir, StopFlag, follow_umask
 
 log = logging.getLogger("llmtune")
 
@@ -76,6 +76,9 @@ def training_args(recipe: Recipe, ctx: Context, cls: Any, has_eval: bool, **extr
         disable_tqdm=not sys.stderr.isatty(),
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # The recipe decides: TRL's configs default the (deprecated) gradient_checkpointing alias to True.
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         **precision_flags(recipe),
     )
     if recipe.distributed.strategy == "deepspeed":
@@ -93,15 +96,32 @@ def training_args(recipe: Recipe, ctx: Context, cls: Any, has_eval: bool, **extr
     return cls(**kwargs)
 
 
+TOKEN_KEYS = ("num_tokens", "eval_num_tokens")
+"""TRL's running count of training tokens; it restarts from 0 in every process, so a resumed run adds
+the count its checkpoint reached."""
+
+
 class MetricsCallback(TrainerCallback):
     """Writes every log event to metrics.jsonl and, off a terminal, one clean line per log."""
 
     def __init__(self, run: RunDir, line_output: bool):
         self.run = run
         self.line_output = line_output
+        self.tokens_before = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        # state.log_history comes from the checkpoint on resume (already counted in whole-run tokens).
+        self.tokens_before = next((h["num_tokens"] for h in reversed(state.log_history) if "num_tokens" in h), 0)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-        if not logs or not state.is_world_process_zero:
+        if not logs:
+            return
+        for key in TOKEN_KEYS:
+            if key in logs and self.tokens_before:
+                logs[key] += self.tokens_before
+                if state.log_history and key in state.log_history[-1]:
+                    state.log_history[-1][key] = logs[key]  # what the next checkpoint records
+        if not state.is_world_process_zero:
             return
         metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["epoch"] = round(state.epoch or 0.0, 4)
@@ -116,7 +136,9 @@ def _fmt(v: float) -> str:
 
 
 class StopCallback(TrainerCallback):
-    """Turns a SIGINT/SIGTERM into "save a checkpoint now and stop" at the next step boundary."""
+    """Turns a SIGINT/SIGTERM into "save a checkpoint now and stop" at the next step boundary, and logs
+    at every step that saves, so a checkpoint always closes a logged interval of the loss curve (the
+    whole-run train_loss of a resumed run is exact, see run_loss)."""
 
     def __init__(self, stop: StopFlag):
         self.stop = stop
@@ -125,7 +147,22 @@ class StopCallback(TrainerCallback):
         if _any_rank(bool(self.stop), args.device):
             control.should_save = True
             control.should_training_stop = True
+        if control.should_save:
+            control.should_log = True
         return control
+
+
+class CheckpointFiles(TrainerCallback):
+    """Tidies what a checkpoint save leaves: safetensors made readable like every other file (see
+    follow_umask), and no TRL draft model card (checkpoints/README.md), which describes the run as a
+    fine-tune of a hub model named "None" whenever the base is a local directory."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        out = Path(args.output_dir)
+        (out / "README.md").unlink(missing_ok=True)
+        follow_umask(out)
 
 
 def _any_rank(flag: bool, device: Any) -> bool:
@@ -141,13 +178,15 @@ def _any_rank(flag: bool, device: Any) -> bool:
 
 
 def run_trainer(trainer: Any, ctx: Context) -> dict[str, Any]:
-    """Train with our callbacks, resuming from the last checkpoint when asked."""
+    """Train with our callbacks, resuming from the last checkpoint when asked. The summary covers the
+    whole run, across resumes: train_loss over every step, num_tokens counted from step 1."""
     from transformers.trainer_callback import PrinterCallback
 
     line_output = not sys.stderr.isatty()
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(MetricsCallback(ctx.run, line_output))
     trainer.add_callback(StopCallback(ctx.stop))
+    trainer.add_callback(CheckpointFiles())
     checkpoint = None
     if ctx.resume:
         last = ctx.run.last_checkpoint()
@@ -157,9 +196,28 @@ def run_trainer(trainer: Any, ctx: Context) -> dict[str, Any]:
             ctx.run.truncate_metrics(step)
             log.info("resuming from %s (step %d)", last, step)
         else:
-            log.warning("--resume: no checkpoint in %s; starting from step 0", ctx.run.checkpoints)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    return {"global_step": trainer.state.global_step, "train_loss": _finite(result.training_loss)}
+            log.warning("--resume: no checkpoint in %s; starting again from step 0", ctx.run.checkpoints)
+            ctx.run.restart_metrics()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    history = trainer.state.log_history
+    summary = {"global_step": trainer.state.global_step, "train_loss": _finite(run_loss(history))}
+    tokens = [h["num_tokens"] for h in history if "num_tokens" in h]
+    if tokens:
+        summary["num_tokens"] = tokens[-1]
+    return summary
+
+
+def run_loss(history: list[dict[str, Any]]) -> float | None:
+    """Mean training loss over every step of the run, from the trainer's log history (restored from the
+    checkpoint on resume, so it spans all the processes that trained this run). Each logged `loss` is
+    the mean since the previous log; weighting it by its number of steps gives the exact mean, because
+    every checkpoint and the last step are logged (StopCallback)."""
+    total, last = 0.0, 0
+    for entry in history:
+        if "loss" in entry and entry.get("step", 0) > last:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total / last if last else None
 
 
 def _finite(x: float | None) -> float | None:
@@ -170,7 +228,10 @@ def finish(trainer: Any, tok: Any, spec: ModelSpec, recipe: Recipe, ctx: Context
            summary: dict[str, Any]) -> dict[str, Any]:
     """Save the final model (not on interrupt: the checkpoint is the resumable state)."""
     if ctx.stop:
-        trainer.save_model(str(ctx.run.checkpoints / f"checkpoint-{trainer.state.global_step}"))
+        saved = ctx.run.checkpoints / f"checkpoint-{trainer.state.global_step}"
+        trainer.save_model(str(saved))
+        if trainer.is_world_process_zero():
+            follow_umask(saved)
         return summary
     from llmtune.launch.deepspeed import consolidated_state_dict, zero_stage
 

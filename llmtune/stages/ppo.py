@@ -41,6 +41,7 @@ from llmtune.modeling.load import load_for_training, save_model
 from llmtune.ppo import core
 from llmtune.ppo.rollout import Rollout, evaluate, reference_logprobs, sample
 from llmtune.ppo.value import ActorCritic, load_value_model
+from llmtune.runs.rundir import follow_umask
 from llmtune.stages.common import Context, data_rows
 
 log = logging.getLogger("llmtune.ppo")
@@ -364,6 +365,7 @@ class PPOTrainer:
             torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
             model.policy.save_pretrained(path / "policy", safe_serialization=True)
+            follow_umask(path)
             state = {"step": self.step, "kl_controller": self.kl_ctl.state_dict(),
                      "reward_stats": self.reward_stats.state_dict()}
             (path / "ppo_state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -386,7 +388,8 @@ class PPOTrainer:
     def resume(self) -> None:
         last = self.ctx.run.last_checkpoint()
         if last is None:
-            log.warning("--resume: no checkpoint in %s; starting from step 0", self.ctx.run.checkpoints)
+            log.warning("--resume: no checkpoint in %s; starting again from step 0", self.ctx.run.checkpoints)
+            self.ctx.run.restart_metrics()
             return
         state = json.loads((last / "ppo_state.json").read_text())
         trainable = torch.load(last / "trainable.pt", map_location=self.accelerator.device)

@@ -176,6 +176,10 @@ class RoundRun(RunDir):
     def truncate_metrics(self, after_step: int) -> None:
         super().truncate_metrics(self.offset + after_step)
 
+    def restart_metrics(self) -> None:
+        """The round trains again from its step 0: drop its rows, keep the earlier rounds' curve."""
+        self.truncate_metrics(0)
+
 
 def sample(model: Any, tok: Any, template: ChatTemplate, kind: str, prompts: list[list[Message]],
            reward: RewardSource, recipe: Recipe, ctx: Context, rd: Round) -> list[dict[str, Any]]:
