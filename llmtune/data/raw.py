@@ -34,7 +34,7 @@ def _suffix(path: Path) -> str | None:
     return next((s for s in SUFFIXES if name.endswith(s)), None)
 
 
-def _files(path: Path, split: str | None) -> list[Path]:
+def data_files(path: Path, split: str | None) -> list[Path]:
     """A file as is; a directory's supported files (recursive, sorted), narrowed to those named
     after `split` (e.g. `train.jsonl.gz`, `test-0000.parquet`) when any are. Only `train` may fall
     back to all the data, so an eval split can never silently be the training data."""
@@ -104,7 +104,7 @@ def read_records(path: str | Path, split: str | None = None) -> Iterator[Record]
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data path not found: {path}")
-    for file in _files(path, split):
+    for file in data_files(path, split):
         kind = _suffix(file)
         if kind is None:
             raise DataError(f"unsupported data file {file}; supported: {', '.join(SUFFIXES)}")

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtune.data.converters import CONVERTERS
 from llmtune.errors import ConfigError, hint
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 PACKAGE_PREFIX = "package:"
 ENV_VAR = "LLMTUNE_DATA_REGISTRY"
 
-FORMATS = frozenset({"hh", "shp", "dolly", "oasst", "canonical", "columns"})
+FORMATS = frozenset(CONVERTERS)
 SHAPES = ("sft", "preference", "prompt")
 
 _KEYS = (
@@ -126,6 +127,19 @@ def list_entries(extra_files: list[str] | None = None) -> dict[str, DatasetEntry
     for file in user_files(extra_files):
         entries.update(_read(file, is_user=True))
     return entries
+
+
+def entry_format(entry: DatasetEntry | None, format: str | None, columns: dict[str, str] | None) -> str:
+    """The raw format a dataset is read in: the one asked for, `columns` when a column mapping is
+    given, else the registry entry's, else canonical rows."""
+    return format or ("columns" if columns else entry.format if entry else "canonical")
+
+
+def entry_split(entry: DatasetEntry, split: str) -> str:
+    """The registry entry's name for a split on its source (e.g. `test` -> `test_prefs`)."""
+    if split not in entry.splits:
+        raise ConfigError(f"dataset '{entry.name}' has no split '{split}'" + hint(split, entry.splits))
+    return entry.splits[split]
 
 
 def get_entry(name: str, extra_files: list[str] | None = None) -> DatasetEntry:

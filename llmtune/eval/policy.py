@@ -39,7 +39,7 @@ def compare(model_ref: str, baseline_ref: str, prompts: list[list[dict[str, str]
     if spec.kind != base_spec.kind or len(tok) != len(base_tok):
         raise ConfigError(f"--baseline: '{baseline_ref}' ({base_spec.kind}, {len(base_tok)} tokens) cannot be "
                           f"compared token by token with '{model_ref}' ({spec.kind}, {len(tok)} tokens)")
-    kind = spec.kind or "causal"
+    kind = spec.kind
     template = ChatTemplate.get(spec.template)
     answers = {}
     for name, (m, t) in {"model": (model, tok), "baseline": (base, base_tok)}.items():

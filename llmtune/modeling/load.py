@@ -63,7 +63,7 @@ def resolve_kind(spec: ModelSpec) -> str:
         cfg = AutoConfig.from_pretrained(spec.location())
     except OSError as exc:
         raise _hub_error(spec.location(), exc) from None
-    spec.kind = detect_kind(cfg.to_dict())
+    spec.kind = detect_kind(cfg.to_dict(), spec.location())
     return spec.kind
 
 
