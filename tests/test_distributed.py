@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, run_cli
 
+from llmtune.config.checks.device import cuda_present
 from llmtune.config.load import load_dict
-from llmtune.config.schema import Recipe, check, cuda_present, parse
+from llmtune.config.schema import Recipe, check, parse
 from llmtune.errors import ConfigError
 from llmtune.launch.deepspeed import build_config, deepspeed_config_for
 from llmtune.launch.relaunch import launch_command, launch_env, needs_relaunch, train_args

@@ -35,8 +35,8 @@ def test_tiny_llama_full_fp32_adam_by_hand() -> None:
     b = mem["per_device_bytes"]
     assert b["weights"] == params * 4 and b["gradients"] == params * 4 and b["optimizer"] == params * 8
     assert b["master_weights"] == 0 and b["reference_model"] == 0
-    # batch x seq x hidden x layers x 68 (fp32 activations) + fp32 logits and their gradient
-    assert b["activations"] == 8 * 128 * 64 * 2 * 68 + 8 * 128 * 2000 * 8
+    # batch x seq x hidden x layers x 68 (fp32 activations) + fp32 logits, log-softmax and a gradient
+    assert b["activations"] == 8 * 128 * 64 * 2 * 68 + 8 * 128 * 2000 * 12
     assert mem["per_device_total_bytes"] == params * 16 + b["activations"] + OVERHEAD
 
     # The printed table shows the same figures.
@@ -47,16 +47,20 @@ def test_tiny_llama_full_fp32_adam_by_hand() -> None:
 
 
 def test_parameter_counts_match_the_real_tiny_models() -> None:
-    import transformers
+    """The meta-device counts equal the loaded models', and the LoRA counts peft's on the real model."""
+    from llmtune.config.load import recipe_from_dict
+    from llmtune.launch.plan import model_config, model_shape
+    from llmtune.modeling.load import load_for_training
+    from llmtune.registry.tiny import TINY_MODELS
 
-    from llmtune.launch.plan import model_config, shape_from_config
-    from llmtune.registry.models import resolve_model
-    from llmtune.registry.tiny import TINY_MODELS, materialize
-
-    for name, entry in TINY_MODELS.items():
-        model = getattr(transformers, entry["architecture"]).from_pretrained(materialize(name))
-        config, _ = model_config(resolve_model(name))
-        assert shape_from_config(config).params == sum(p.numel() for p in model.parameters()), name
+    for name in TINY_MODELS:
+        for finetuning in ("full", "lora"):
+            recipe = recipe_from_dict({"stage": "sft", "model": {"name": name, "finetuning": finetuning},
+                                       "data": {"name": "demo"}})
+            model, _, spec = load_for_training(recipe)
+            shape = model_shape(model_config(spec)[0], recipe, spec)
+            assert shape.params == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n), name
+            assert shape.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad), name
 
 
 def test_llama2_7b_lora_bf16_on_a_24gb_gpu() -> None:
@@ -72,7 +76,7 @@ def test_llama2_7b_lora_bf16_on_a_24gb_gpu() -> None:
     b = mem["per_device_bytes"]
     assert b["weights"] == P * 2 + T * 4  # frozen bf16 base + fp32 adapters
     assert b["gradients"] == T * 4 and b["optimizer"] == T * 8 and b["master_weights"] == 0
-    assert b["activations"] == 2 * 512 * 4096 * 32 * 34 + 2 * 512 * 32000 * 8
+    assert b["activations"] == 2 * 512 * 4096 * 32 * 34 + 2 * 512 * 32000 * 12
     total = P * 2 + T * 16 + b["activations"] + OVERHEAD
     assert mem["per_device_total_bytes"] == total
     assert 17 < total / GIB < 19 and p["warnings"] == []
@@ -113,7 +117,7 @@ def test_qlora_dpo_counts_4bit_linears_and_pairs() -> None:
     assert b["weights"] == round((P - other) * nf4 + other * 2 + T * 4)
     assert b["optimizer"] == T * 2  # paged_adamw_8bit
     # gradient checkpointing, chosen + rejected: 2 x batch 4 x 512 tokens
-    assert b["activations"] == 2 * 4 * 512 * 4096 * (32 * 2 + 34) + 2 * 4 * 512 * 32000 * 8
+    assert b["activations"] == 2 * 4 * 512 * 4096 * (32 * 2 + 34) + 2 * 4 * 512 * 32000 * 12
     assert b["reference_model"] == 0  # LoRA: the reference is the base with adapters disabled
     full = plan_json(str(ROOT / "recipes" / "gpu" / "dpo-llama2-7b-qlora-ddp.yaml"), "model.finetuning=full",
                      "--gpu-memory", "80")
@@ -157,10 +161,10 @@ def test_config_only_directory_of_llama_1b_random(tmp_path: Path) -> None:
     assert p["model"]["config"] == str(out / "config.json")
 
 
-def test_plan_imports_no_torch_and_reports_bad_input() -> None:
+def test_plan_validates_before_importing_torch() -> None:
     code = ("import sys; from llmtune.cli import main; "
-            f"rc = main(['plan', {QUICKSTART!r}, '--json']); "
-            "assert rc == 0 and 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
+            f"rc = main(['plan', {QUICKSTART!r}, 'training.batch_sise=2', '--json']); "
+            "assert rc == 2 and 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
     bad = run_cli("plan", QUICKSTART, "training.batch_sise=2")
     assert bad.returncode == 2 and "training.batch_sise: unknown key" in bad.stderr and "Traceback" not in bad.stderr

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -35,8 +36,10 @@ def _mapping(parse: Callable[[], Any], source: str | Path) -> DictConfig:
         cfg = parse()
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    except Exception as exc:  # yaml.YAMLError carries line/column in its message
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:  # YAMLError carries line/column in its message
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{source}: a recipe must be a mapping of sections")
     return cfg

@@ -123,10 +123,12 @@ def read_records(path: str | Path, split: str | None = None) -> Iterator[Record]
 def hub_records(hub_id: str, split: str, subset: str | None = None) -> Iterator[Record]:
     """Stream rows of a hub dataset (downloaded and cached by `datasets`)."""
     import datasets
+    import httpx
+    from datasets.exceptions import DatasetsError
 
     try:
         ds = datasets.load_dataset(hub_id, data_dir=subset, split=split)
-    except Exception as e:  # offline, missing, or gated: all need the same fix
+    except (OSError, ValueError, DatasetsError, httpx.HTTPError) as e:  # offline, missing, gated: one fix
         raise DataError(
             f"cannot load '{hub_id}' (split '{split}'{f', data_dir {subset}' if subset else ''}) "
             f"from the hub: {type(e).__name__}: {e}. If you are offline, download it elsewhere and set "
