@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -199,3 +200,57 @@ def test_cli_reward_sources_go_through_the_same_checks(tmp_path: Path) -> None:
     proc = run_cli("eval", "policy", "--model", "tiny-llama", "--baseline", "tiny-llama", "--prompts", "demo",
                    "-n", "1", "--reward", "rule:llmtune.rewards.rules:missing")
     assert proc.returncode == 2 and "--reward.function: module 'llmtune.rewards.rules' has no attribute" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Silent fallbacks made explicit, and the package's import-time side effects.
+
+def test_unknown_architecture_is_an_error_and_a_default_template_is_logged(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from llmtune.errors import ConfigError
+    from llmtune.registry.models import resolve_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery", "architectures": ["MysteryModel"]}))
+    with pytest.raises(ConfigError, match=r"cannot tell whether model_type 'mystery'.*llmtune\.json"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "llmtune.json").write_text(json.dumps({"kind": "causal"}))
+    with caplog.at_level("INFO", logger="llmtune.registry"):
+        spec = resolve_model(str(tmp_path))
+    assert spec.kind == "causal" and spec.template == "plain"
+    assert "records no chat template: using 'plain'" in caplog.text
+
+
+def test_importing_llmtune_sets_no_environment_variable() -> None:
+    code = ("import os, sys\nbefore = dict(os.environ)\nimport llmtune, llmtune.cli, llmtune.config.schema\n"
+            "from llmtune.cli import main\nmain(['validate', 'recipes/sft-tiny.yaml'])\n"
+            "assert dict(os.environ) == before, set(os.environ) ^ set(before)\n")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_webui_without_gradio_says_which_extra_to_install(tmp_path: Path) -> None:
+    """gradio is the `webui` extra, not a requirement of the core: without it the command says how to
+    get it (the import is blocked the way Python blocks a module that is absent)."""
+    code = ("import sys\nsys.modules['gradio'] = None\nfrom llmtune.cli import main\n"
+            f"sys.exit(main(['webui', '--workspace', {str(tmp_path)!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'llmtune[webui]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plan_does_not_switch_the_hub_off_for_its_own_process(tmp_path: Path) -> None:
+    """A cached hub dataset is counted in an offline child process; plan's own process (the web UI's
+    server, when it plans) keeps its network settings."""
+    cache = tmp_path / "datasets"
+    (cache / "databricks___databricks-dolly-15k").mkdir(parents=True)  # looks cached, holds nothing
+    code = ("import os, sys\nfrom llmtune.cli import main\n"
+            "rc = main(['plan', 'recipes/sft-tiny.yaml', 'data.name=dolly', 'data.eval_fraction=0', '--json'])\n"
+            "assert rc == 2, rc\n"
+            "assert 'HF_HUB_OFFLINE' not in os.environ and 'HF_DATASETS_OFFLINE' not in os.environ\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_DATASETS_CACHE"] = str(cache)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "data (dolly): " in proc.stderr and "Traceback" not in proc.stderr

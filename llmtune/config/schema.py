@@ -58,7 +58,7 @@ class ModelSection:
         "auto", doc="Weights dtype; auto: the registry default on CUDA, float32 on CPU.")
     template: str | None = _f(None, doc="Chat template name overriding the registry's (see models.yaml).")
     revision: str | None = _f(None, doc="Hub revision (branch, tag or commit).")
-    trust_remote_code: bool = _f(False, doc="Allow custom modelling code from the hub.")
+    trust_remote_code: bool = _f(False, doc="Allow custom modeling code from the hub.")
 
 
 @dataclass

@@ -84,7 +84,7 @@ def check_ppo(recipe: Recipe, spec: ModelSpec | None, errors: list[str], pending
         ("reward.model", recipe.reward.model if recipe.reward else None)
     if not ref:
         errors.append("ppo.value_model_path: required for ppo.value_model: separate when the reward source has no "
-                      "model to initialise the value model from")
+                      "model to initialize the value model from")
         return
     # A bad reward.model is already reported by the reward checks.
     value = resolve(ref, where, errors if p.value_model_path else [], pending)
