@@ -22,6 +22,7 @@ def plan_json(*args: str, env: dict | None = None) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_tiny_llama_full_fp32_adam_by_hand() -> None:
     # tiny-llama: vocab 2000, hidden 64, 2 layers, 4 heads of 16 (2 kv heads), MLP 128, untied head.
     per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64  # q k v o, gate up down, 2 norms
@@ -63,6 +64,7 @@ def test_parameter_counts_match_the_real_tiny_models() -> None:
             assert shape.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad), name
 
 
+@pytest.mark.slow
 def test_llama2_7b_lora_bf16_on_a_24gb_gpu() -> None:
     P = 6_738_415_616  # Llama-2-7B
     # LoRA r=16 on q k v o (4096x4096) and gate up down (4096x11008), 32 layers
@@ -87,6 +89,7 @@ def test_llama2_7b_lora_bf16_on_a_24gb_gpu() -> None:
     assert "warning: estimated" in text and "will not fit" in text
 
 
+@pytest.mark.slow
 def test_zero3_shards_everything_and_offload_moves_it_to_cpu() -> None:
     P = 13_015_864_320  # Llama-2-13B
     recipe = str(ROOT / "recipes" / "gpu" / "sft-llama2-13b-zero3.yaml")
@@ -108,6 +111,7 @@ def test_zero3_shards_everything_and_offload_moves_it_to_cpu() -> None:
     assert zero2["memory"]["per_device_bytes"]["weights"] == P * 2  # stage 2 keeps whole weights
 
 
+@pytest.mark.slow
 def test_qlora_dpo_counts_4bit_linears_and_pairs() -> None:
     P, T = 6_738_415_616, 39_976_960
     other = 2 * 32000 * 4096 + 2 * 4096 * 32 + 4096  # embeddings, head, norms stay 16-bit
@@ -124,6 +128,7 @@ def test_qlora_dpo_counts_4bit_linears_and_pairs() -> None:
     assert full["memory"]["per_device_bytes"]["reference_model"] == P * 2
 
 
+@pytest.mark.slow
 def test_rows_tokens_and_steps_of_local_data(tmp_path: Path) -> None:
     data = tmp_path / "chat.jsonl"
     with data.open("w") as fh:
@@ -142,6 +147,7 @@ def test_rows_tokens_and_steps_of_local_data(tmp_path: Path) -> None:
     assert plan_json(*common, "training.max_steps=7")["optimizer_steps"] == 7
 
 
+@pytest.mark.slow
 def test_hub_dataset_not_cached_is_unknown_not_downloaded(tmp_path: Path) -> None:
     env = {"HF_DATASETS_CACHE": str(tmp_path / "empty-cache")}
     p = plan_json(QUICKSTART, "data.name=dolly", "data.eval_fraction=0", env=env)
@@ -151,6 +157,7 @@ def test_hub_dataset_not_cached_is_unknown_not_downloaded(tmp_path: Path) -> Non
                      env=env)["optimizer_steps"] == 100
 
 
+@pytest.mark.slow
 def test_config_only_directory_of_llama_1b_random(tmp_path: Path) -> None:
     out = tmp_path / "llama-1b-random"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llama_1b_random.py"), str(out), "--config-only"],
@@ -170,6 +177,7 @@ def test_plan_validates_before_importing_torch() -> None:
     assert bad.returncode == 2 and "training.batch_sise: unknown key" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["sft-llama2-13b-zero3.yaml", "dpo-llama2-7b-qlora-ddp.yaml"])
 def test_scale_out_recipes_plan_anywhere(recipe: str) -> None:
     """GPU recipes are planned (and validated apart from the device) on a machine without GPUs."""
@@ -177,6 +185,7 @@ def test_scale_out_recipes_plan_anywhere(recipe: str) -> None:
     assert p["memory"]["per_device_total_gib"] < 80 * 0.9 and p["warnings"] == []
 
 
+@pytest.mark.slow
 def test_pipeline_plans_every_stage_with_the_model_it_will_start_from(tmp_path: Path) -> None:
     pipeline = tmp_path / "pipe.yaml"
     pipeline.write_text(f"""

@@ -239,6 +239,7 @@ def test_webui_without_gradio_says_which_extra_to_install(tmp_path: Path) -> Non
     assert "pip install 'llmtune[webui]'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_plan_does_not_switch_the_hub_off_for_its_own_process(tmp_path: Path) -> None:
     """A cached hub dataset is counted in an offline child process; plan's own process (the web UI's
     server, when it plans) keeps its network settings."""

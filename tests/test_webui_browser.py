@@ -13,8 +13,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from test_webui_api import start_server, stop_runs
+
+pytestmark = pytest.mark.slow  # real servers and end-to-end runs: the full suite, not `-m "not slow"`
 
 BROWSER_DIR = ROOT / "tests" / "browser"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

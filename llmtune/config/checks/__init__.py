@@ -6,3 +6,15 @@ strings to the error list it is given, so the user sees every problem at once.
 Nothing here imports torch, and nothing imports the schema at run time (the schema imports these
 modules; the section types are only needed for annotations).
 """
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def given(section: Any, key: str) -> bool:
+    """Whether a section's key holds something other than its default (the recipe set it)."""
+    f = next(f for f in dataclasses.fields(section) if f.name == key)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return getattr(section, key) != default

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmtune.config.checks import given
 from llmtune.data.converters import CONVERTERS, DERIVABLE, column_shape, natural_shape
 from llmtune.data.raw import data_files
 from llmtune.data.registry import DatasetEntry, entry_format, entry_split, list_entries, resolve_path
@@ -46,12 +47,8 @@ def check_data(recipe: Recipe, errors: list[str]) -> None:
 def _set_beside_list(data: Any) -> list[str]:
     """Per-dataset keys given at the top of `data` next to a `datasets` list (name/path are reported
     on their own)."""
-    out = []
-    for f in dataclasses.fields(data.datasets[0]):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if f.name not in ("name", "path") and getattr(data, f.name) != default:
-            out.append(f.name)
-    return out
+    return [f.name for f in dataclasses.fields(data.datasets[0])
+            if f.name not in ("name", "path") and given(data, f.name)]
 
 
 def check_dataset(ds: DatasetSection, where: str, registry: dict[str, DatasetEntry], stage: str,

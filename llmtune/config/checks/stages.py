@@ -3,10 +3,10 @@ keys, reward, data lengths): one function per stage."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from llmtune.config.checks import given
 from llmtune.config.checks.model import resolve
 from llmtune.registry.models import ModelSpec
 
@@ -14,13 +14,6 @@ if TYPE_CHECKING:
     from llmtune.config.schema import Recipe
 
 PPO_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
-
-
-def given(section: Any, key: str) -> bool:
-    """Whether a key holds something other than its default (the recipe set it)."""
-    f = next(f for f in dataclasses.fields(section) if f.name == key)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-    return getattr(section, key) != default
 
 
 def check_stage(recipe: Recipe, spec: ModelSpec | None, errors: list[str], pending: frozenset[str]) -> None:
