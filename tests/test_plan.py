@@ -210,3 +210,14 @@ stages:
     assert dpo["memory"]["per_device_bytes"]["activations"] == 2 * sft["memory"]["per_device_bytes"]["activations"]
     text = run_cli("plan", str(pipeline), check=True).stdout
     assert text.startswith("pipeline       sft (sft) -> dpo (dpo)") and "[dpo] -> " in text
+
+
+@pytest.mark.slow
+def test_activation_estimate_against_the_measured_peak_on_the_tiny_models() -> None:
+    """benchmarks/plan_activations.py measures the peak of one training pass of each tiny model; the
+    README states the error it prints, so the estimate must stay within it."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_activations.py")], cwd=ROOT,
+                          capture_output=True, text=True, check=True, timeout=900)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 9 and {r["model"] for r in rows} == {"tiny-llama", "tiny-gptj", "tiny-t5"}
+    assert all(abs(r["error"]) <= 0.2 for r in rows), rows

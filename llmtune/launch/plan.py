@@ -78,7 +78,6 @@ def model_shape(config: dict[str, Any], recipe: Recipe, spec: ModelSpec) -> Shap
     """Build the model the recipe trains from `config` on the meta device (accelerate's
     `init_empty_weights` + transformers' `from_config`, peft for the adapters) and count it."""
     from accelerate import init_empty_weights
-    from peft import LoraConfig, get_peft_model
     from torch import nn
     from transformers import AutoConfig
     from transformers.quantizers.base import get_keys_to_not_convert
@@ -90,7 +89,11 @@ def model_shape(config: dict[str, Any], recipe: Recipe, spec: ModelSpec) -> Shap
     values = {k: v for k, v in config.items() if k != "model_type"}
     if head == "classifier":
         values["num_labels"] = 1
-    cfg = AutoConfig.for_model(config["model_type"], **values)
+    try:
+        cfg = AutoConfig.for_model(config["model_type"], **values)
+    except (KeyError, ValueError) as exc:  # no or an unknown model_type: transformers cannot build it
+        reason = str(exc).split(". ")[0]  # transformers lists every model type after the first sentence
+        raise ConfigError(f"model.name: cannot build '{spec.name}' from its config ({reason})") from None
     m = recipe.model
     with init_empty_weights(include_buffers=True):  # buffers too, or tied embeddings stay untied
         model = auto_class(head).from_config(cfg)
@@ -100,6 +103,8 @@ def model_shape(config: dict[str, Any], recipe: Recipe, spec: ModelSpec) -> Shap
                         if isinstance(mod, nn.Linear) and not any(name == k or name.endswith("." + k) for k in keep))
         trainable = params
         if m.finetuning != "full":
+            from peft import LoraConfig, get_peft_model
+
             lora = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, target_modules=m.lora.target_modules or
                               spec.lora_targets, task_type=TASK[head])
             trainable = sum(p.numel() for p in get_peft_model(model, lora).parameters() if p.requires_grad)

@@ -6,7 +6,7 @@
         - {type: classifier, model: ..., weight: 1.0, normalize: true}
         - {type: rule, function: "llmtune.rewards.rules:length_penalty", weight: 0.5}
 
-Components with `normalize: true` are standardised with running statistics first (see
+Components with `normalize: true` are standardized with running statistics first (see
 `base.Normalized`), so sources on different scales can be weighted meaningfully.
 """
 
