@@ -46,7 +46,7 @@ RUN pip install --upgrade pip \
     && pip install --no-build-isolation deepspeed
 
 COPY . /opt/llmtune
-RUN pip install /opt/llmtune \
+RUN pip install "/opt/llmtune[gpu,webui]" \
     && mkdir -p /workspace/runs \
     && cp -r /opt/llmtune/recipes /workspace/recipes
 

@@ -1,9 +1,10 @@
 """The `llmtune` command. Start-up stays light: torch and friends are imported only inside the
 commands that train or load models, so `--help`, `validate` and the listings answer instantly.
 
-Command groups owned by other packages (serve, eval, webui, launch) register themselves through a
+Command groups owned by other packages (serve, eval, launch) register themselves through a
 `register(subparsers)` function in the modules listed in COMMAND_MODULES; those modules must not
-import torch at module level either.
+import torch at module level either. The web UI is not part of the core: its module is imported
+only when its own command runs (LAZY_COMMANDS).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from typing import Any
 from llmtune import __version__
 from llmtune.errors import LLMTuneError
 
-COMMAND_MODULES: list[str] = ["llmtune.launch.cli", "webui.cli", "llmtune.serve.cli", "llmtune.eval.cli"]
+COMMAND_MODULES: list[str] = ["llmtune.launch.cli", "llmtune.serve.cli", "llmtune.eval.cli"]
+# command -> (module with its register(), the one-line help `llmtune --help` shows without importing it)
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "webui": ("webui.cli", "serve the web UI (recipes, runs, chat & compare, feedback, evaluate)"),
+}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -203,7 +208,8 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; `argv` (the command line) says which lazy command, if any, to load."""
     p = argparse.ArgumentParser(prog="llmtune", description="Config-driven fine-tuning and alignment of language "
                                 "models: sft, rm, dpo, rs (best-of-n) and ppo from one YAML recipe.")
     p.add_argument("--version", action="version", version=f"llmtune {__version__}")
@@ -256,11 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    command = next((a for a in argv or [] if not a.startswith("-")), None)
+    for name, (module, help_text) in LAZY_COMMANDS.items():
+        if command == name:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> Any:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may come after options (`train r.yaml --output-dir d lr=1`).
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

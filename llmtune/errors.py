@@ -38,3 +38,10 @@ def hint(word: str, choices: Iterable[str]) -> str:
         return "; did you mean " + " or ".join(f"'{c}'" for c in found) + "?"
     shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
     return f"; valid: {shown}"
+
+
+def problems(source: str, errors: list[str]) -> str:
+    """One message for every problem found in SOURCE: inline when there is one, a list otherwise."""
+    if len(errors) == 1:
+        return f"{source}: {errors[0]}"
+    return f"{source}: {len(errors)} problems\n" + "\n".join(f"  - {e}" for e in errors)

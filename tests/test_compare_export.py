@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # real servers and end-to-end runs: the full suite, not `-m "not slow"`
+
 HELLO = [{"role": "user", "content": "What is 2 plus 3?"}]
 TESTS = Path(__file__).resolve().parent
 PROMPTS = [

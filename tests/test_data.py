@@ -1,4 +1,5 @@
-"""Data layer on real files: raw fixtures in each hub dataset's own format, plus the real HH sample."""
+"""Data layer on real files: raw fixtures in each hub dataset's own format, plus the real HH sample
+(and the recipe checks of data entries, which live in the schema)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from llmtune.config.load import recipe_from_dict
 from llmtune.data.converters import CONVERTERS, render_hh
 from llmtune.data.load import load_mixture, load_rows, preview
 from llmtune.data.raw import read_records
@@ -163,8 +165,9 @@ def test_hh_shape_derivation_and_subset_source() -> None:
     assert sft[1]["source"] == "helpful-base"
     prompts = load_rows("hh", path, shape="prompt").rows
     assert prompts[1] == {"prompt": [u("Name a prime number."), a("Seven."), u("And a bigger one?")]}
-    with pytest.raises(ConfigError, match="unknown subset 'harmles-base'.*harmless-base"):
-        load_rows("hh", path, shape="sft", subset="harmles-base")
+    with pytest.raises(ConfigError, match=r"data\.subset: unknown subset 'harmles-base'.*harmless-base"):
+        recipe_from_dict({"stage": "sft", "model": {"name": "tiny-llama"},
+                          "data": {"name": "hh", "path": path, "subset": "harmles-base"}})
 
 
 def test_shp_label_order_source_and_filter() -> None:
@@ -176,8 +179,9 @@ def test_shp_label_order_source_and_filter() -> None:
     assert rows[1]["prompt"] == [u("Why is the sky blue?")] and rows[1]["source"] == "askphysics_train"
     result = load_rows("shp", path, shape="preference", options={"min_score_ratio": 2.0})
     assert len(result.rows) == 2 and result.report.filtered == 1 and result.report.failed == 0
-    with pytest.raises(ConfigError, match="unknown option 'min_score'.*min_score_ratio"):
-        load_rows("shp", path, shape="preference", options={"min_score": 2})
+    with pytest.raises(ConfigError, match=r"data\.options\.min_score: unknown option 'min_score'.*min_score_ratio"):
+        recipe_from_dict({"stage": "rm", "model": {"name": "tiny-llama"},
+                          "data": {"name": "shp", "path": path, "options": {"min_score": 2}}})
 
 
 def test_dolly_context_and_no_preference() -> None:
@@ -191,8 +195,8 @@ def test_dolly_context_and_no_preference() -> None:
         "How tall is the tower?\n\nThe Blue Tower is a 120 metre radio mast built in 1961."
     )
     assert load_rows("dolly", path, shape="prompt").rows[1]["prompt"] == [rows[1]["messages"][0]]
-    with pytest.raises(DataError, match="cannot give preference"):
-        load_rows("dolly", path, shape="preference")
+    with pytest.raises(ConfigError, match=r"data\.name: dataset 'dolly' cannot give preference rows"):
+        recipe_from_dict({"stage": "dpo", "model": {"name": "tiny-llama"}, "data": {"name": "dolly", "path": path}})
     with pytest.raises(DataError, match="cannot become 'preference'"):
         load_rows(None, path, format="dolly", shape="preference")
 
@@ -323,8 +327,9 @@ def test_mixture_eval_split_and_bad_keys() -> None:
         [{"name": "hh", "path": str(RAW / "hh")}], shape="preference", eval_split="test"
     )
     assert len(train) == 3 and [r["chosen"] for r in evals] == [[a("Usually blue in daylight.")]]
-    with pytest.raises(ConfigError, match="unknown key 'wieght'.*weight"):
-        load_mixture([{"name": "hh", "wieght": 2}], shape="sft")
+    with pytest.raises(ConfigError, match=r"data\.datasets\[0\]\.wieght: unknown key.*weight"):
+        recipe_from_dict({"stage": "sft", "model": {"name": "tiny-llama"},
+                          "data": {"datasets": [{"name": "hh", "wieght": 2}]}})
 
 
 def test_real_hh_sample_converts_and_round_trips() -> None:

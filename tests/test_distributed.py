@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, run_cli
 
+from llmtune.config.checks.device import cuda_present
 from llmtune.config.load import load_dict
-from llmtune.config.schema import Recipe, check, cuda_present, parse
+from llmtune.config.schema import Recipe, check, parse
 from llmtune.errors import ConfigError
 from llmtune.launch.deepspeed import build_config, deepspeed_config_for
 from llmtune.launch.relaunch import launch_command, launch_env, needs_relaunch, train_args
@@ -42,6 +43,7 @@ def free_port() -> int:
 # --------------------------------------------------------------------------------------------------
 # A real multi-process run.
 
+@pytest.mark.slow
 def test_ddp_two_processes_one_run_directory_written_by_rank_zero(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_cli("train", str(QUICKSTART), "distributed.strategy=ddp", "distributed.num_processes=2",
@@ -75,6 +77,7 @@ def test_ddp_two_processes_one_run_directory_written_by_rank_zero(tmp_path: Path
     assert sum(p.numel() for p in reloaded.parameters()) == 330048
 
 
+@pytest.mark.slow
 def test_ddp_sigterm_to_the_launching_process_checkpoints_every_rank_at_one_step(tmp_path: Path) -> None:
     """What the web UI's Stop does: SIGTERM to `llmtune train`. The parent forwards it, torchrun hands it
     to each worker, the ranks agree on one stopping step (a rank leaving alone would hang the others in

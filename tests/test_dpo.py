@@ -308,6 +308,7 @@ def test_recipes_validate(name: str) -> None:
     assert resolve_model(r.model.name).kind == ("seq2seq" if "t5" in name else "causal")
 
 
+@pytest.mark.slow
 def test_quickstart_recipe_through_the_cli(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", "recipes/dpo-quickstart.yaml",

@@ -127,6 +127,7 @@ def test_separate_value_model(tmp_path: Path) -> None:
     assert any(not torch.equal(v, before[k]) for k, v in ac.value_model.named_parameters() if v.requires_grad)
 
 
+@pytest.mark.slow
 def test_reward_model_run_as_reward_and_critic_init(tmp_path: Path) -> None:
     rm = tmp_path / "rm"
     run_cli("train", "recipes/rm-gptj-hh.yaml", "model.name=tiny-gptj", "data.path=tests/fixtures/raw/hh",
@@ -183,6 +184,7 @@ def test_resume_continues_exactly_from_the_saved_step(tmp_path: Path) -> None:
     assert json.loads((ckpt / "ppo_state.json").read_text())["step"] == 4
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     data = small_recipe("tiny-gptj", "lora", adaptive_kl=True, target_kl=1.0, kl_horizon=100)
     data["training"].update(max_steps=200)
@@ -228,6 +230,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"sft": base / "sft", "ppo": base / "ppo"}
 
 
+@pytest.mark.slow
 def test_quickstart_reward_rises_with_bounded_kl(quickstart: dict[str, Path]) -> None:
     rows = finite_rows(quickstart["ppo"])
     assert len(rows) == 40
@@ -241,6 +244,7 @@ def test_quickstart_reward_rises_with_bounded_kl(quickstart: dict[str, Path]) ->
     assert (quickstart["ppo"] / "model" / "llmtune.json").exists()
 
 
+@pytest.mark.slow
 def test_eval_policy_compares_with_the_baseline(quickstart: dict[str, Path], tmp_path: Path) -> None:
     reward_file = tmp_path / "reward.yaml"
     reward_file.write_text(yaml.safe_dump({"reward": {"type": "rule",

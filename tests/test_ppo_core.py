@@ -1,13 +1,15 @@
-"""PPO maths against values computed by hand (llmtune.ppo.core)."""
+"""PPO maths against values computed by hand (llmtune.ppo.core, and the running reward statistics)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from llmtune.ppo import core
+from llmtune.rewards.base import RunningStats
 
 
 def test_masked_mean_and_whiten_ignore_padding() -> None:
@@ -109,10 +111,17 @@ def test_kl_controllers() -> None:
     assert restored.value == ctl.value
 
 
-def test_running_moments_match_the_whole_sample() -> None:
+def test_running_stats_match_the_whole_sample_and_resume() -> None:
+    """The statistics behind ppo.reward_normalize (and reward.normalize) are batch-size independent
+    and survive a checkpoint."""
     data = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, -2.0, 0.5])
-    m = core.RunningMoments()
-    m.update(data[:3])
-    m.update(data[3:])
-    assert m.mean == pytest.approx(data.mean().item())
-    assert m.std == pytest.approx(data.std(unbiased=False).item(), rel=1e-6)
+    m = RunningStats()
+    m.update(data[:3].tolist())
+    restored = RunningStats()
+    restored.load_state_dict(json.loads(json.dumps(m.state_dict())))
+    restored.update(data[3:].tolist())
+    assert restored.mean == pytest.approx(data.mean().item())
+    assert restored.std == pytest.approx(data.std().item(), rel=1e-6)
+    constant = RunningStats()
+    constant.update([3.0, 3.0])
+    assert constant.std == 1.0  # nothing to scale by

@@ -37,6 +37,11 @@ def wrong_length(prompts: list[Any], responses: list[str]) -> list[float]:
     return [1.0]
 
 
+def validate_reward(section: dict[str, Any]) -> None:
+    """A reward section through the recipe schema, where every reward check lives."""
+    recipe_from_dict({"stage": "rs", "model": {"name": "tiny-llama"}, "data": {"name": "demo"}, "reward": section})
+
+
 # --- rule ---------------------------------------------------------------------------------------
 
 
@@ -62,7 +67,7 @@ def test_rule_per_sample_and_batch_conventions() -> None:
 ])
 def test_rule_bad_paths_are_config_errors(function: str, kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        build_reward(RewardSection(type="rule", function=function, kwargs=kwargs))
+        validate_reward({"type": "rule", "function": function, "kwargs": kwargs})
 
 
 def test_rule_bad_return_values_are_reward_errors() -> None:
@@ -141,9 +146,9 @@ def test_classifier_prompt_response_pairs(classifier_dir: Path) -> None:
 
 def test_classifier_errors_name_the_key(classifier_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"reward\.label_index: 3 is out of range.*has 3 labels"):
-        build_reward(RewardSection(type="classifier", model=str(classifier_dir), label_index=3))
+        validate_reward({"type": "classifier", "model": str(classifier_dir), "label_index": 3})
     with pytest.raises(ConfigError, match=r"reward\.model: cannot load classifier"):
-        build_reward(RewardSection(type="classifier", model=str(tmp_path)))
+        validate_reward({"type": "classifier", "model": str(tmp_path)})
 
 
 def test_reward_model_kind_dispatches_to_the_rm_scorer(tmp_path: Path) -> None:
@@ -219,6 +224,11 @@ def test_parse_score_and_template_filling() -> None:
     assert parse_score("I'd say 8.5.", 0, 10) == 8.5
     assert parse_score("42", 0, 10) == 10.0 and parse_score("-3", 0, 10) == 0.0
     assert parse_score("excellent!", 0, 10) is None
+    # A judge restating the scale is rated by its answer, not by the scale (issue 19).
+    assert parse_score("on a scale of 1 to 10: 8", 0, 10) == 8.0
+    assert parse_score("On a scale from 0 to 10, I rate it 7.", 0, 10) == 7.0
+    assert parse_score("Rating (1-10): 6", 1, 10) == 6.0 and parse_score("I'd give it 8 out of 10", 0, 10) == 8.0
+    assert parse_score("Between 1 and 5 I would say 4", 1, 5) == 4.0 and parse_score("7-8", 0, 10) == 7.0
     text = fill(DEFAULT_TEMPLATE, PROMPTS[1], "It is {response}-free", 1, 5)
     assert "from 1 to 5" in text and "User: Describe a {cat}." in text and "It is {response}-free" in text
 
@@ -251,11 +261,11 @@ def test_judge_endpoint_errors_are_clear(judge_key: str) -> None:
             judge.score(PROMPTS[:1], ["x"])
     assert len(server.requests) == 1
     with pytest.raises(ConfigError, match=r"reward\.api_key_env: environment variable NO_SUCH_KEY_VAR is not set"):
-        build_reward(RewardSection(type="judge", endpoint="http://127.0.0.1:9/v1", judge_model="m",
-                                   api_key_env="NO_SUCH_KEY_VAR"))
+        validate_reward({"type": "judge", "endpoint": "http://127.0.0.1:9/v1", "judge_model": "m",
+                         "api_key_env": "NO_SUCH_KEY_VAR"})
     with pytest.raises(ConfigError, match=r"reward\.template: must contain the \{response\}"):
-        build_reward(RewardSection(type="judge", endpoint="http://127.0.0.1:9/v1", judge_model="m",
-                                   template="Rate it"))
+        validate_reward({"type": "judge", "endpoint": "http://127.0.0.1:9/v1", "judge_model": "m",
+                         "template": "Rate it"})
 
 
 def test_judge_local_tiny_models_parse_or_fall_back() -> None:
@@ -272,7 +282,7 @@ def test_judge_local_tiny_models_parse_or_fall_back() -> None:
     assert t5.score(PROMPTS, RESPONSES) == [-5.0] * 3
     assert reward_stats(t5) == {"judge_calls": 3, "judge_fallbacks": 3, "judge_retries": 0}
     with pytest.raises(ConfigError, match=r"reward\.model: .*unknown model 'tiny-lama'"):
-        build_reward(RewardSection(type="judge", model="tiny-lama"))
+        validate_reward({"type": "judge", "model": "tiny-lama"})
 
 
 # --- mix ----------------------------------------------------------------------------------------
@@ -307,9 +317,9 @@ def test_mix_weights_and_running_normalisation() -> None:
 
 
 def test_mix_component_errors_carry_their_path() -> None:
-    bad = RewardSection(type="mix", components=[_rule("target_length"), _rule("nope")])
+    rule = {"type": "rule", "function": "llmtune.rewards.rules:target_length"}
     with pytest.raises(ConfigError, match=r"reward\.components\[1\]\.function: module .* has no attribute 'nope'"):
-        build_reward(bad)
+        validate_reward({"type": "mix", "components": [rule, {**rule, "function": "llmtune.rewards.rules:nope"}]})
 
 
 def test_recipe_validation_of_reward_sections() -> None:

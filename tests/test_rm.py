@@ -236,10 +236,13 @@ def test_minilm_recipe_is_valid() -> None:
 
 
 def test_scorer_needs_a_model() -> None:
-    with pytest.raises(ConfigError, match="reward.model"):
-        RewardModelScorer(RewardSection(type="reward_model"))
+    """Checked by the recipe schema, before anything loads (the scorer assumes a valid section)."""
+    with pytest.raises(ConfigError, match=r"reward\.model: required for reward type 'reward_model'"):
+        recipe_from_dict({"stage": "rs", "model": {"name": "tiny-llama"}, "data": {"name": "demo"},
+                          "reward": {"type": "reward_model"}})
 
 
+@pytest.mark.slow
 def test_eval_reward_accuracy_cli(trained: dict[str, Path], hh_sources: Path) -> None:
     proc = run_cli("eval", "reward-accuracy", "--model", str(trained["minilm-l6-full"]), "--data", "hh",
                    "--path", str(hh_sources), "-n", "4", check=True)

@@ -185,6 +185,7 @@ def test_rs_ctrl_c_while_sampling_then_resume(tmp_path: Path) -> None:
     assert (run / "model/model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_rs_interrupt_while_training_then_resume(tmp_path: Path) -> None:
     run = tmp_path / "rs-term"
     args = ["recipes/rs-quickstart.yaml", "data.num_samples=8", "rs.iterations=2", "rs.num_samples=2",

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # real servers and end-to-end runs: the full suite, not `-m "not slow"`
+
 API_KEY = "test-key"
 HELLO = [{"role": "user", "content": "What is 2 plus 3?"}]
 

@@ -91,6 +91,7 @@ def test_truncation_keeps_the_response(tmp_path: Path) -> None:
     assert enc["input_ids"][0] == tok.bos_token_id  # BOS survives the left trim
 
 
+@pytest.mark.slow
 def test_tiny_sft_loss_falls(tmp_path: Path) -> None:
     proc = run_cli("train", "recipes/sft-tiny.yaml", "--output-dir", str(tmp_path / "qs"), check=True)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -103,6 +104,7 @@ def test_tiny_sft_loss_falls(tmp_path: Path) -> None:
     assert "step " in proc.stdout  # one clean line per log when not a terminal
 
 
+@pytest.mark.slow
 def test_interrupt_saves_checkpoint_and_resume_continues(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["recipes/sft-tiny.yaml", "training.max_steps=400", "training.logging_steps=1",

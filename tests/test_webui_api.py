@@ -24,6 +24,8 @@ from conftest import ROOT, run_cli
 
 from webui.workspace import Workspace, pid_alive
 
+pytestmark = pytest.mark.slow  # real servers and end-to-end runs: the full suite, not `-m "not slow"`
+
 AUTH = ("tester", "s3cret:pass")
 
 

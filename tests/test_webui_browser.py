@@ -20,6 +20,8 @@ import pytest
 from conftest import ROOT
 from test_webui_api import start_server, stop_runs
 
+pytestmark = pytest.mark.slow  # real servers and end-to-end runs: the full suite, not `-m "not slow"`
+
 BROWSER_DIR = ROOT / "tests" / "browser"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 INSTALL_HINT = "install it with `apt-get install -y chromium` (Debian/Ubuntu) or set CHROMIUM=/path/to/chrome"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmtune.config.checks.device import missing_package
 from llmtune.errors import ConfigError
 from llmtune.serve.cli import loopback
 
@@ -25,6 +26,8 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 
 def cmd_webui(args: argparse.Namespace) -> int:
+    if missing := missing_package("gradio"):
+        raise ConfigError(f"llmtune webui needs gradio; {missing}")
     auth = parse_auth(args.auth)
     root = Path(args.workspace).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)

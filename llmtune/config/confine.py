@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmtune.errors import ConfigError, hint
+from llmtune.errors import ConfigError, hint, problems
 
 ENV_VAR = "LLMTUNE_CONFINE"  # the workspace root
 RULES_ENV_VAR = "LLMTUNE_CONFINE_RULES"  # comma-separated modules rule rewards may come from
@@ -141,12 +141,31 @@ class Confinement:
     def resolve_refs(self, recipe: Any, source: str) -> None:
         """Resolve every schema field marked `ref` in place (paths become absolute, inside the
         workspace), or raise one ConfigError listing each key that reaches outside."""
-        from llmtune.config.schema import _format
-
         errors: list[str] = []
         self._fields(recipe, "", errors)
+        self._registry_paths(recipe.data.registry, errors)
         if errors:
-            raise ConfigError(_format(source, errors))
+            raise ConfigError(problems(source, errors))
+
+    def _registry_paths(self, extra_files: list[str], errors: list[str]) -> None:
+        """The data paths inside registry files in the workspace (the feedback registry, a user's own)
+        follow the data rule too: a registry entry must not be a way out."""
+        from llmtune.data.registry import read_registry, user_files
+
+        for file in user_files(extra_files):
+            if not (file.is_file() and self.contains(file)):
+                continue
+            try:
+                entries = read_registry(file)
+            except ConfigError as exc:
+                errors.append(f"data.registry: {exc}")
+                continue
+            for name, entry in entries.items():
+                if entry.path:
+                    try:
+                        self.data(entry.path, f"data.registry: {file.name}: entry '{name}': path")
+                    except ConfigError as exc:
+                        errors.append(str(exc))
 
     def _fields(self, obj: Any, prefix: str, errors: list[str]) -> None:
         for f in dataclasses.fields(obj):

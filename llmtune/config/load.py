@@ -50,6 +50,8 @@ def _mapping(parse: Callable[[], Any], source: str | Path) -> DictConfig:
         raise ConfigError(f"{source}: not valid YAML: {exc.problem or exc.context}{where}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: not valid YAML ({type(exc).__name__})") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{source}: a recipe must be a mapping of sections")
     return cfg

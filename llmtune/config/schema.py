@@ -2,22 +2,26 @@
 
 A recipe dict (already loaded and merged by `load.py`) is turned into nested dataclasses by
 `parse()`. Every problem is collected with its full key path (`model.lora.r`), so the user sees all
-of them at once, with a did-you-mean for unknown keys. `check()` then does the semantic checks that
-need the registries or the file system (unknown model/dataset, missing file, incompatible options).
-Nothing here imports torch: `llmtune validate` must start fast.
+of them at once, with a did-you-mean for unknown keys. `check()` then runs the semantic checks of
+each section (`checks/`: model, data, reward, the stage, distributed), which need the registries,
+the file system or this machine. What passes here, the run accepts: stages and loaders re-check
+nothing. Nothing here imports torch: `llmtune validate` must start fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from llmtune.errors import ConfigError, hint
+from llmtune.config.checks.data import check_data
+from llmtune.config.checks.distributed import check_distributed
+from llmtune.config.checks.model import check_model
+from llmtune.config.checks.reward import check_reward
+from llmtune.config.checks.stages import check_stage
+from llmtune.errors import ConfigError, hint, problems
 
 STAGES = ("sft", "rm", "dpo", "rs", "ppo")
 Stage = Literal["sft", "rm", "dpo", "rs", "ppo"]
@@ -58,7 +62,7 @@ class ModelSection:
         "auto", doc="Weights dtype; auto: the registry default on CUDA, float32 on CPU.")
     template: str | None = _f(None, doc="Chat template name overriding the registry's (see models.yaml).")
     revision: str | None = _f(None, doc="Hub revision (branch, tag or commit).")
-    trust_remote_code: bool = _f(False, doc="Allow custom modelling code from the hub.")
+    trust_remote_code: bool = _f(False, doc="Allow custom modeling code from the hub.")
 
 
 @dataclass
@@ -87,6 +91,12 @@ class DataSection(DatasetSection):
     max_prompt_length: int | None = _f(None, doc="Max prompt tokens (preference and prompt stages); default max_length/2.", ge=4)
     registry: list[str] = _f(doc="Extra data registry JSON files to read.", factory=list, ref="path")
 
+    @property
+    def prompt_length(self) -> int:
+        """Prompt tokens kept for generation and preference pairs: max_prompt_length, else half of
+        max_length (the one place this default is computed)."""
+        return self.max_prompt_length or self.max_length // 2
+
 
 @dataclass
 class TrainingSection:
@@ -97,8 +107,8 @@ class TrainingSection:
         "cosine", doc="Learning-rate schedule.")
     warmup_ratio: float = _f(0.0, doc="Fraction of steps for linear warmup.", ge=0, lt=1)
     warmup_steps: int = _f(0, doc="Warmup steps (overrides warmup_ratio when > 0).", ge=0)
-    batch_size: int = _f(4, doc="Per-device train batch size.", ge=1)
-    eval_batch_size: int | None = _f(None, doc="Per-device eval batch size; default batch_size.", ge=1)
+    batch_size: int = _f(4, doc="Per-device train batch size (stage ppo trains on ppo.mini_batch_size instead).", ge=1)
+    eval_batch_size: int | None = _f(None, doc="Per-device eval batch size (sft, rm, dpo); default batch_size.", ge=1)
     gradient_accumulation_steps: int = _f(1, doc="Micro-batches per optimizer step.", ge=1)
     weight_decay: float = _f(0.0, doc="AdamW weight decay.", ge=0)
     max_grad_norm: float = _f(1.0, doc="Gradient clipping norm (0 disables).", ge=0)
@@ -106,7 +116,7 @@ class TrainingSection:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
         "auto", doc="Mixed precision; auto: bf16 on CUDA that supports it, else fp32.")
     gradient_checkpointing: bool = _f(False, doc="Trade compute for activation memory.")
-    seed: int = _f(42, doc="Seed for data order, initialisation and sampling.")
+    seed: int = _f(42, doc="Seed for data order, initialization and sampling.")
     logging_steps: int = _f(10, doc="Write metrics every N optimizer steps.", ge=1)
     eval_steps: int | None = _f(None, doc="Evaluate every N steps; default: at the end of each epoch when eval data exists.", ge=1)
     save_steps: int = _f(500, doc="Save a checkpoint every N steps (and always on interrupt).", ge=1)
@@ -149,7 +159,7 @@ class RewardSection:
     kwargs: dict[str, Any] = _f(doc="rule: keyword arguments for the function.", factory=dict)
     components: list[RewardSection] | None = _f(None, doc="mix: the weighted reward sources.")
     weight: float = _f(1.0, doc="Weight of this source inside a mix.")
-    normalize: bool = _f(False, doc="Standardise this source's scores with running mean/std over all calls (in a mix: before weighting).")
+    normalize: bool = _f(False, doc="Standardize this source's scores with running mean/std over all calls (in a mix: before weighting).")
     batch_size: int = _f(8, doc="Scoring batch size.", ge=1)
     max_length: int = _f(512, doc="Max tokens of prompt+response for model-based scorers.", ge=8)
 
@@ -183,13 +193,14 @@ class RsSection:
         "scores (30: drop the weakest 30% of prompts).", ge=0, lt=100)
     percentile_step: float = _f(0.0, doc="Raise the percentile by this much each round (capped at 100).", ge=0)
     generation: GenerationSection = _f(doc="Sampling settings.", factory=GenerationSection)
+    generation_batch_size: int = _f(4, doc="Prompts per generation batch (each sampled num_samples times).", ge=1)
 
 
 @dataclass
 class PpoSection:
     rollout_batch_size: int = _f(16, doc="Prompts sampled per PPO step.", ge=1)
-    mini_batch_size: int = _f(4, doc="Rollouts per optimisation minibatch.", ge=1)
-    ppo_epochs: int = _f(4, doc="Optimisation passes over each rollout batch.", ge=1)
+    mini_batch_size: int = _f(4, doc="Rollouts per optimization minibatch (one optimizer step each).", ge=1)
+    ppo_epochs: int = _f(4, doc="Optimization passes over each rollout batch.", ge=1)
     gamma: float = _f(1.0, doc="GAE discount.", ge=0, le=1)
     lam: float = _f(0.95, doc="GAE lambda.", ge=0, le=1)
     cliprange: float = _f(0.2, doc="Policy ratio clip.", gt=0)
@@ -199,8 +210,8 @@ class PpoSection:
     adaptive_kl: bool = _f(False, doc="Adapt kl_coef towards target_kl.")
     target_kl: float = _f(6.0, doc="Target KL for the adaptive controller.", gt=0)
     kl_horizon: int = _f(10000, doc="Horizon of the adaptive KL controller.", ge=1)
-    whiten_advantages: bool = _f(True, doc="Normalise advantages per batch.")
-    reward_normalize: bool = _f(False, doc="Standardise rewards with running statistics.")
+    whiten_advantages: bool = _f(True, doc="Standardize advantages per batch (zero mean, unit variance).")
+    reward_normalize: bool = _f(False, doc="Standardize the PPO reward (after the missing-EOS penalty) with running statistics over all processes.")
     reward_clip: float | None = _f(None, doc="Clip rewards to [-x, x].", gt=0)
     missing_eos_penalty: float | None = _f(None, doc="Subtracted from the reward of responses that do not end.", ge=0)
     value_model: Literal["shared", "separate"] = _f("shared", doc="Value head on the policy trunk, or a separate model.")
@@ -208,6 +219,7 @@ class PpoSection:
                                       ref="model")
     sample_every: int = _f(10, doc="Write sample rollouts every N steps.", ge=1)
     generation: GenerationSection = _f(doc="Rollout sampling settings.", factory=GenerationSection)
+    generation_batch_size: int = _f(4, doc="Prompts per generation batch while sampling rollouts.", ge=1)
 
 
 @dataclass
@@ -226,13 +238,18 @@ class DistributedSection:
     hostfile: str | None = _f(None, doc="DeepSpeed hostfile for multi-node launches.", ref="path")
     backend: str | None = _f(None, doc="torch.distributed backend; default nccl on CUDA, gloo on CPU.")
 
+    @property
+    def world_size(self) -> int:
+        """Processes over all nodes: the data-parallel degree (and what ZeRO shards across)."""
+        return self.num_processes * self.num_nodes
+
 
 @dataclass
 class Recipe:
     stage: Stage = _f(REQUIRED, doc="Training stage: sft, rm, dpo, rs or ppo.")
     model: ModelSection = _f(REQUIRED, doc="The model to train.")
     data: DataSection = _f(REQUIRED, doc="Training (and eval) data.")
-    training: TrainingSection = _f(doc="Optimisation, logging and saving.", factory=TrainingSection)
+    training: TrainingSection = _f(doc="Optimization, logging and saving.", factory=TrainingSection)
     distributed: DistributedSection = _f(doc="Multi-GPU / multi-node settings.", factory=DistributedSection)
     output_dir: str | None = _f(None, doc="Run directory; default runs/<stage>-<model>-<time>.", ref="path")
     description: str = _f("", doc="Free text shown in listings.")
@@ -365,162 +382,31 @@ def parse(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: a recipe must be a mapping of sections, got {type(data).__name__}")
     recipe = _build(Recipe, data, "", errors)
     if errors:
-        raise ConfigError(_format(source, errors))
+        raise ConfigError(problems(source, errors))
     return recipe
-
-
-def _format(source: str, errors: list[str]) -> str:
-    if len(errors) == 1:
-        return f"{source}: {errors[0]}"
-    return f"{source}: {len(errors)} problems\n" + "\n".join(f"  - {e}" for e in errors)
 
 
 # --------------------------------------------------------------------------------------------------
-# Semantic checks: names, files, combinations. Still no torch import.
+# Semantic checks (llmtune/config/checks/, one module per section). Still no torch import.
 
-def cuda_present() -> bool:
-    """Whether an NVIDIA GPU is visible, without importing torch (validate must stay fast)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
+def check(recipe: Recipe, source: str = "recipe", device_checks: bool = True,
+          pending: frozenset[str] = frozenset()) -> Recipe:
+    """Everything a run would refuse that can be known before it starts: names in the registries,
+    files, combinations of keys, this machine. Raises one ConfigError listing every problem.
 
-
-def visible_gpus() -> int | None:
-    """How many NVIDIA GPUs this process may use (CUDA_VISIBLE_DEVICES, else /dev/nvidiaN), without
-    torch; None when unknown."""
-    if not cuda_present():
-        return 0
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return len([d for d in env.split(",") if d.strip()])
-    return len(list(Path("/dev").glob("nvidia[0-9]*"))) or None
-
-
-def check(recipe: Recipe, source: str = "recipe", base_dir: Path | None = None,
-          device_checks: bool = True, pending: frozenset[str] = frozenset()) -> Recipe:
-    """Semantic validation that needs registries and the file system. Raises one ConfigError.
-
-    device_checks=False skips what depends on this machine's GPUs (`llmtune plan` sizes a GPU run
-    from a laptop). `pending` holds run directories an earlier pipeline stage will create."""
-    from llmtune.data.registry import FORMATS, list_entries
-    from llmtune.registry.models import resolve_model
-    from llmtune.stages import MODULES, implemented
-
+    device_checks=False skips what depends on this machine's GPUs and installed extras (`llmtune
+    plan` sizes a GPU run from a laptop). `pending` holds run directories an earlier pipeline stage
+    will create."""
     errors: list[str] = []
-    if not implemented(recipe.stage):
-        errors.append(f"stage: '{recipe.stage}' is not implemented yet in this version of llmtune (available: "
-                      + ", ".join(s for s in MODULES if implemented(s)) + ")")
-    spec = None
-    try:
-        if recipe.model.name not in pending:
-            spec = resolve_model(recipe.model.name, template=recipe.model.template)
-    except ConfigError as exc:
-        errors.append(f"model.name: {exc}")
-
-    if device_checks and recipe.model.finetuning == "qlora" and not cuda_present():
-        errors.append("model.finetuning: qlora needs a CUDA GPU (bitsandbytes 4-bit); none is visible here. "
-                      "Use lora or full on this machine")
-
-    data = recipe.data
-    entries: list[tuple[str, DatasetSection]] = []
-    if data.datasets:
-        if data.name or data.path:
-            errors.append("data: give either name/path or a datasets list, not both")
-        entries = [(f"data.datasets[{i}]", d) for i, d in enumerate(data.datasets)]
-    elif data.name or data.path:
-        entries = [("data", data)]
-    else:
-        errors.append("data: give a dataset `name` (see `llmtune datasets`), a local `path`, or a `datasets` list")
-    try:
-        registry = list_entries(data.registry)
-    except ConfigError as exc:
-        errors.append(f"data.registry: {exc}")
-        registry = {}
-    for where, ds in entries:
-        if ds.name and registry and ds.name not in registry:
-            errors.append(f"{where}.name: unknown dataset '{ds.name}'" + hint(ds.name, registry))
-        if ds.path and not ds.path.startswith("package:") and not Path(ds.path).expanduser().exists():
-            errors.append(f"{where}.path: no such file or directory: {ds.path}")
-        if ds.format and ds.format not in FORMATS:
-            errors.append(f"{where}.format: unknown format '{ds.format}'" + hint(ds.format, FORMATS))
-        if ds.format == "columns" and not ds.columns:
-            errors.append(f"{where}.columns: format 'columns' needs a column mapping")
-
-    if recipe.stage in ("rs", "ppo") and recipe.reward is None:
-        errors.append(f"reward: stage '{recipe.stage}' needs a reward source (type: reward_model, classifier, "
-                      "judge, rule or mix)")
+    spec = check_model(recipe, errors, device_checks, pending)
+    check_data(recipe, errors)
     if recipe.reward is not None:
-        _check_reward(recipe.reward, "reward", errors, pending)
-    if recipe.stage == "rs" and recipe.distributed.strategy != "none":
-        errors.append("distributed.strategy: stage rs samples and fine-tunes in one process; use strategy: none")
-    if recipe.stage == "dpo":
-        if recipe.dpo.label_smoothing and recipe.dpo.loss_type != "sigmoid":
-            errors.append(f"dpo.label_smoothing: only loss_type sigmoid uses it (loss_type is "
-                          f"'{recipe.dpo.loss_type}'); set it to 0")
-        if data.max_prompt_length is not None and data.max_prompt_length >= data.max_length:
-            errors.append(f"data.max_prompt_length: {data.max_prompt_length} leaves no room for the responses; "
-                          f"it must be smaller than data.max_length ({data.max_length})")
-    if recipe.training.group_by_length and recipe.stage not in ("sft", "rm"):
-        errors.append(f"training.group_by_length: supported by stages sft and rm, not '{recipe.stage}'")
-    if recipe.stage == "rm" and recipe.rm.pooling == "mean" and spec is not None and spec.kind not in (None, "encoder"):
-        errors.append(f"rm.pooling: mean pooling is for encoder models; '{recipe.model.name}' is {spec.kind} "
-                      "(use pooling: architecture)")
-    if spec is not None and spec.kind == "encoder" and recipe.stage != "rm":
-        errors.append(f"model.name: '{recipe.model.name}' is an encoder-only model; it can only be trained "
-                      "with stage: rm")
-
-    dist = recipe.distributed
-    if device_checks and dist.strategy == "deepspeed" and not cuda_present():
-        errors.append("distributed.strategy: deepspeed needs CUDA GPUs; use ddp (gloo) on CPU")
-    gpus = visible_gpus() if device_checks else None
-    if gpus and dist.strategy != "none" and dist.num_processes > gpus:
-        errors.append(f"distributed.num_processes: {dist.num_processes} processes but {gpus} GPU(s) visible on "
-                      "this machine (one process per GPU)")
-    if (dist.offload_optimizer or dist.offload_params) and dist.strategy != "deepspeed":
-        errors.append("distributed.offload_optimizer/offload_params: CPU offload needs strategy: deepspeed")
-    if dist.deepspeed_config and dist.strategy != "deepspeed":
-        errors.append("distributed.deepspeed_config: only used with strategy: deepspeed")
-    if dist.hostfile and (dist.strategy != "deepspeed" or dist.num_nodes < 2):
-        errors.append("distributed.hostfile: only used by multi-node DeepSpeed runs (strategy: deepspeed, "
-                      "num_nodes > 1)")
-    if dist.machine_rank >= dist.num_nodes:
-        errors.append(f"distributed.machine_rank: {dist.machine_rank} must be < num_nodes ({dist.num_nodes})")
-    if dist.strategy == "deepspeed" and dist.zero_stage == 3 and recipe.model.finetuning == "qlora":
-        errors.append("distributed.zero_stage: QLoRA's 4-bit weights cannot be sharded by ZeRO-3; use zero_stage: 2")
-    if dist.offload_params and dist.zero_stage != 3:
-        errors.append("distributed.offload_params: parameter offload needs zero_stage: 3")
-    if dist.strategy == "none" and (dist.num_processes > 1 or dist.num_nodes > 1):
-        errors.append("distributed.strategy: more than one process needs strategy ddp or deepspeed")
-    for key in ("deepspeed_config", "accelerate_config", "hostfile"):
-        value = getattr(dist, key)
-        if value and not Path(value).expanduser().exists():
-            errors.append(f"distributed.{key}: no such file: {value}")
-    if dist.num_nodes > 1 and not dist.main_process_ip:
-        errors.append("distributed.main_process_ip: required when num_nodes > 1")
-
+        check_reward(recipe.reward, "reward", errors, pending)
+    check_stage(recipe, spec, errors, pending)
+    check_distributed(recipe, errors, device_checks)
     if errors:
-        raise ConfigError(_format(source, errors))
+        raise ConfigError(problems(source, errors))
     return recipe
-
-
-def _check_reward(r: RewardSection, where: str, errors: list[str], pending: frozenset[str] = frozenset()) -> None:
-    need = {"reward_model": "model", "classifier": "model", "rule": "function", "mix": "components"}
-    key = need.get(r.type)
-    if key and not getattr(r, key):
-        errors.append(f"{where}.{key}: required for reward type '{r.type}'")
-    if r.type == "judge" and not (r.model or r.endpoint):
-        errors.append(f"{where}: a judge needs `model` (local LLM) or `endpoint` (OpenAI-compatible URL)")
-    if r.type == "judge" and r.endpoint and not r.judge_model:
-        errors.append(f"{where}.judge_model: required with `endpoint` (the model name the server serves)")
-    if r.type == "rule" and r.function and ":" not in r.function:
-        errors.append(f"{where}.function: expected 'package.module:function', got '{r.function}'")
-    if r.type == "reward_model" and r.model and r.model.startswith((".", "/", "~")) \
-            and not Path(r.model).expanduser().exists() and r.model not in pending:
-        errors.append(f"{where}.model: no such directory: {r.model}")
-    if len(r.score_range) != 2 or r.score_range[0] >= r.score_range[1]:
-        errors.append(f"{where}.score_range: expected [min, max] with min < max")
-    for i, c in enumerate(r.components or []):
-        _check_reward(c, f"{where}.components[{i}]", errors, pending)
 
 
 def iter_keys(cls: type = Recipe, prefix: str = "") -> typing.Iterator[tuple[str, str, Any, str]]:

@@ -467,21 +467,42 @@ def convert_columns(records: Iterable[Record], shape: str | None, options: dict[
     return _convert_rows(records, shape, options, _columns_row)
 
 
-CONVERTERS: dict[str, Converter] = {
-    "hh": convert_hh,
-    "shp": convert_shp,
-    "dolly": convert_dolly,
-    "oasst": convert_oasst,
-    "canonical": convert_canonical,
-    "columns": convert_columns,
+@dataclass(frozen=True)
+class Option:
+    """An option a converter accepts under a recipe's `data.options` (checked by the recipe schema)."""
+
+    types: tuple[type, ...]
+    doc: str
+
+
+@dataclass(frozen=True)
+class Format:
+    """A raw format as the recipe schema and the loader see it: the converter, the shape its rows
+    naturally have (None: decided per row for canonical, by the column mapping for columns), and the
+    options it declares; anything else under `data.options` is a typo."""
+
+    convert: Converter
+    shape: str | None
+    options: dict[str, Option]
+
+
+CONVERTERS: dict[str, Format] = {
+    "hh": Format(convert_hh, "preference", {}),
+    "shp": Format(convert_shp, "preference", {
+        "min_score_ratio": Option((int, float), "drop pairs whose score_ratio (votes of the preferred comment / "
+                                  "the other) is below this; dropped rows are counted as filtered"),
+    }),
+    "dolly": Format(convert_dolly, "sft", {}),
+    "oasst": Format(convert_oasst, "sft", {
+        "lang": Option((str,), "keep only messages in this language code (e.g. en); the rest are filtered"),
+    }),
+    "canonical": Format(convert_canonical, None, {}),
+    "columns": Format(convert_columns, None, {
+        "columns": Option((dict,), "role -> column name mapping (data.columns sets it)"),
+    }),
 }
 
-FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
-    "hh": (),
-    "shp": ("min_score_ratio",),
-    "dolly": (),
-    "oasst": ("lang",),
-    "canonical": (),
-    "columns": ("columns",),
-}
-"""Options each format understands; anything else in a recipe is a typo."""
+
+def natural_shape(fmt: str, options: dict[str, Any]) -> str | None:
+    """The shape a format gives without derivation (a column mapping decides for `columns`)."""
+    return column_shape(options.get("columns")) if fmt == "columns" else CONVERTERS[fmt].shape

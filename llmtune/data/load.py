@@ -9,10 +9,18 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmtune.data.converters import CONVERTERS, FORMAT_OPTIONS, RowError, column_shape
+from llmtune.data.converters import CONVERTERS, RowError, natural_shape
 from llmtune.data.raw import Record, hub_records, read_records
-from llmtune.data.registry import FORMATS, SHAPES, DatasetEntry, get_entry, list_entries, resolve_path
-from llmtune.errors import ConfigError, DataError, hint
+from llmtune.data.registry import (
+    FORMATS,
+    DatasetEntry,
+    entry_format,
+    entry_split,
+    get_entry,
+    list_entries,
+    resolve_path,
+)
+from llmtune.errors import ConfigError, DataError
 
 log = logging.getLogger("llmtune.data")
 
@@ -58,15 +66,6 @@ def _counted(records: Iterable[Record], report: Report) -> Iterator[Record]:
         yield record
 
 
-def _natural_shape(fmt: str, entry: DatasetEntry | None, options: dict[str, Any]) -> str | None:
-    """The shape a format gives without derivation; None for canonical (each row keeps its own)."""
-    if entry is not None:
-        return entry.shapes[0]
-    if fmt == "columns":
-        return column_shape(options.get("columns"))
-    return {"hh": "preference", "shp": "preference", "dolly": "sft", "oasst": "sft"}.get(fmt)
-
-
 def _plan(
     name: str | None,
     path: str | None,
@@ -77,35 +76,25 @@ def _plan(
     options: dict[str, Any] | None,
     extra_registries: list[str] | None,
 ) -> tuple[DatasetEntry | None, str, dict[str, Any], Iterator[Record], str]:
-    """Resolve entry, format, options and the record source; raise ConfigError on bad recipes."""
-    if not name and not path:
-        raise ConfigError("a dataset needs a registry name or a 'path'")
+    """Resolve entry, format, options and the record source of a dataset the recipe schema accepted
+    (`llmtune/config/checks/data.py`). Lookups still fail clearly for commands that name a dataset
+    without a recipe (preview, eval, compare): unknown names and splits."""
     entry = get_entry(name, extra_registries) if name else None
-    fmt = format or ("columns" if columns else entry.format if entry else "canonical")
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown data format '{fmt}'" + hint(fmt, FORMATS))
+    fmt = entry_format(entry, format, columns)
     opts = {**(entry.options if entry else {}), **(options or {})}
     if columns:
         opts["columns"] = columns
-    for key in opts:
-        if key not in FORMAT_OPTIONS[fmt]:
-            raise ConfigError(
-                f"unknown option '{key}' for format '{fmt}'" + hint(key, FORMAT_OPTIONS[fmt] or ["(none)"])
-            )
     subset = subset or (entry.subset if entry else None)
-    if entry and subset and entry.subsets and subset not in entry.subsets:
-        raise ConfigError(f"unknown subset '{subset}' of dataset '{name}'" + hint(subset, entry.subsets))
     if path:
         local = str(resolve_path(path))
         return entry, fmt, opts, read_records(local, split), f"{name or fmt}[{split}] ({local})"
-    assert entry is not None  # checked above: no path means a name was given
-    if split not in entry.splits:
-        raise ConfigError(f"dataset '{name}' has no split '{split}'" + hint(split, entry.splits))
+    assert entry is not None, "a dataset needs a registry name or a path"
+    source_split = entry_split(entry, split)
     if entry.path:
         local = str(resolve_path(entry.path))
-        return entry, fmt, opts, read_records(local, entry.splits[split]), f"{name}[{split}] ({local})"
+        return entry, fmt, opts, read_records(local, source_split), f"{name}[{split}] ({local})"
     hub_id = entry.hub_id or ""
-    records = hub_records(hub_id, entry.splits[split], subset)
+    records = hub_records(hub_id, source_split, subset)
     return entry, fmt, opts, records, f"{name}[{split}] (hub {hub_id}{'/' + subset if subset else ''})"
 
 
@@ -130,21 +119,13 @@ def load_rows(
     accepted so a spec dict can be passed through unchanged. Raises DataError when nothing
     converts or more than half of the rows fail.
     """
-    if shape is not None and shape not in SHAPES:
-        raise ConfigError(f"unknown data shape '{shape}'" + hint(shape, SHAPES))
-    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
-        raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
     entry, fmt, opts, records, label = _plan(
         name, path, split, columns, format, subset, options, extra_registries
     )
-    if entry is not None and fmt != entry.format:
-        entry = None  # a format override makes the entry's shapes meaningless
-    if shape is None:
-        shape = _natural_shape(fmt, entry, opts)
-    elif entry is not None and shape not in entry.shapes:
-        raise DataError(f"dataset '{name}' cannot give {shape} rows; it gives: {', '.join(entry.shapes)}")
+    if shape is None:  # a format override makes the entry's shapes meaningless
+        shape = entry.shapes[0] if entry is not None and fmt == entry.format else natural_shape(fmt, opts)
     report = Report(label)
-    rows, errors = CONVERTERS[fmt](_counted(records, report), shape, opts)
+    rows, errors = CONVERTERS[fmt].convert(_counted(records, report), shape, opts)
     if subset:
         for row in rows:
             row.setdefault("source", subset)
@@ -159,9 +140,6 @@ def load_rows(
         raise DataError(f"dataset not usable: {why}\n{report.summary()}")
     log.log(logging.WARNING if report.failed else logging.INFO, "%s", report.summary())
     return LoadResult(rows, report)
-
-
-_SPEC_KEYS = ("name", "path", "split", "num_samples", "columns", "format", "subset", "options")
 
 
 def _weighted(rows: list[dict[str, Any]], weight: float, rng: random.Random) -> list[dict[str, Any]]:
@@ -180,13 +158,12 @@ def load_mixture(
     seed: int = 0,
     extra_registries: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Mix datasets into (train rows, eval rows), deterministic for a given seed.
+    """Mix datasets (the recipe's data entries, see `DATASET_FIELDS`) into (train rows, eval rows),
+    deterministic for a given seed.
 
     Eval rows come from each spec's `eval_split` (loaded like train) or a seeded `eval_fraction`
     held out before weighting, so repeated (weight > 1) rows never leak into eval.
     """
-    if not specs:
-        raise ConfigError("the data mixture is empty")
     train: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     for i, raw in enumerate(specs):
@@ -194,16 +171,6 @@ def load_mixture(
         weight = spec.pop("weight", 1.0)
         split_eval = spec.pop("eval_split", eval_split)
         fraction = spec.pop("eval_fraction", eval_fraction)
-        for key in spec:
-            if key not in _SPEC_KEYS:
-                raise ConfigError(
-                    f"dataset {i}: unknown key '{key}'"
-                    + hint(key, [*_SPEC_KEYS, "weight", "eval_split", "eval_fraction"])
-                )
-        if not isinstance(weight, int | float) or weight < 0:
-            raise ConfigError(f"dataset {i}: weight must be a number >= 0, got {weight!r}")
-        if not isinstance(fraction, int | float) or not 0 <= fraction < 1:
-            raise ConfigError(f"dataset {i}: eval_fraction must be in [0, 1), got {fraction!r}")
         rng = random.Random(f"{seed}:{i}")
         rows = load_rows(
             **{"name": None, "path": None, **spec}, shape=shape, extra_registries=extra_registries
@@ -219,7 +186,7 @@ def load_mixture(
             evals += [r for j, r in enumerate(rows) if j in held]
             rows = [r for j, r in enumerate(rows) if j not in held]
             if not rows:
-                raise ConfigError(f"dataset {i}: eval_fraction {fraction} leaves no training rows")
+                raise DataError(f"dataset {i}: eval_fraction {fraction} leaves no training rows")
         train += _weighted(rows, float(weight), rng)
     random.Random(seed).shuffle(train)
     return train, evals

@@ -35,7 +35,7 @@ def _suffix(path: Path) -> str | None:
     return next((s for s in SUFFIXES if name.endswith(s)), None)
 
 
-def _files(path: Path, split: str | None) -> list[Path]:
+def data_files(path: Path, split: str | None) -> list[Path]:
     """A file as is; a directory's supported files (recursive, sorted), narrowed to those named
     after `split` (e.g. `train.jsonl.gz`, `test-0000.parquet`) when any are. Only `train` may fall
     back to all the data, so an eval split can never silently be the training data."""
@@ -152,7 +152,7 @@ def read_records(path: str | Path, split: str | None = None) -> Iterator[Record]
     try:
         if not path.exists():
             raise DataError(f"data path not found: {path}")
-        files = _files(path, split)
+        files = data_files(path, split)
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or _first_line(e)}") from None
     for file in files:
@@ -162,10 +162,12 @@ def read_records(path: str | Path, split: str | None = None) -> Iterator[Record]
 def hub_records(hub_id: str, split: str, subset: str | None = None) -> Iterator[Record]:
     """Stream rows of a hub dataset (downloaded and cached by `datasets`)."""
     import datasets
+    import httpx
+    from datasets.exceptions import DatasetsError
 
     try:
         ds = datasets.load_dataset(hub_id, data_dir=subset, split=split)
-    except Exception as e:  # offline, missing, or gated: all need the same fix
+    except (OSError, ValueError, DatasetsError, httpx.HTTPError) as e:  # offline, missing, gated: one fix
         raise DataError(
             f"cannot load '{hub_id}' (split '{split}'{f', data_dir {subset}' if subset else ''}) "
             f"from the hub: {type(e).__name__}: {e}. If you are offline, download it elsewhere and set "

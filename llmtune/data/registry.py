@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtune.config.confine import active
+from llmtune.data.converters import CONVERTERS
 from llmtune.errors import ConfigError, hint
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 PACKAGE_PREFIX = "package:"
 ENV_VAR = "LLMTUNE_DATA_REGISTRY"
 
-FORMATS = frozenset({"hh", "shp", "dolly", "oasst", "canonical", "columns"})
+FORMATS = frozenset(CONVERTERS)
 SHAPES = ("sft", "preference", "prompt")
 
 _KEYS = (
@@ -84,9 +84,6 @@ def _entry(name: str, raw: Any, file: Path, is_user: bool) -> DatasetEntry:
     path = raw.get("path")
     if path and is_user and not path.startswith(PACKAGE_PREFIX):
         path = str(resolve_path(path, file.parent))
-    policy = active()
-    if path and policy is not None and policy.contains(file):  # a registry the web UI's recipes may name
-        policy.data(path, f"{where}: path")
     for key, typ in (("splits", dict), ("options", dict), ("subsets", list)):
         if key in raw and raw[key] is not None and not isinstance(raw[key], typ):
             raise ConfigError(f"{where}: '{key}' must be a {'object' if typ is dict else 'list'}")
@@ -118,6 +115,11 @@ def _read(file: Path, is_user: bool) -> dict[str, DatasetEntry]:
     return {name: _entry(name, raw, file, is_user) for name, raw in data.items()}
 
 
+def read_registry(file: Path) -> dict[str, DatasetEntry]:
+    """The entries of one user registry file (paths resolved relative to it)."""
+    return _read(file, is_user=True)
+
+
 def user_files(extra_files: list[str] | None = None) -> list[Path]:
     """User registries: `$LLMTUNE_DATA_REGISTRY` (os.pathsep-separated) first, then `extra_files`."""
     env = [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p.strip()]
@@ -130,6 +132,19 @@ def list_entries(extra_files: list[str] | None = None) -> dict[str, DatasetEntry
     for file in user_files(extra_files):
         entries.update(_read(file, is_user=True))
     return entries
+
+
+def entry_format(entry: DatasetEntry | None, format: str | None, columns: dict[str, str] | None) -> str:
+    """The raw format a dataset is read in: the one asked for, `columns` when a column mapping is
+    given, else the registry entry's, else canonical rows."""
+    return format or ("columns" if columns else entry.format if entry else "canonical")
+
+
+def entry_split(entry: DatasetEntry, split: str) -> str:
+    """The registry entry's name for a split on its source (e.g. `test` -> `test_prefs`)."""
+    if split not in entry.splits:
+        raise ConfigError(f"dataset '{entry.name}' has no split '{split}'" + hint(split, entry.splits))
+    return entry.splits[split]
 
 
 def get_entry(name: str, extra_files: list[str] | None = None) -> DatasetEntry:

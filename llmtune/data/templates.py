@@ -141,6 +141,29 @@ def fit(prompt: list[int], response: list[int], max_length: int, bos_id: int | N
     return prompt, response
 
 
+def fit_pair(prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int,
+             bos_id: int | None) -> tuple[list[int], list[list[int]]]:
+    """Trim the prompt from the left to max_prompt_length (keeping a leading BOS), then cut each
+    response from the right so prompt + response fits max_length. Both responses share the prompt,
+    so the part that differs (the responses) is what survives."""
+    prompt = fit(prompt, [], max_prompt_length, bos_id, min_prompt=max_prompt_length)[0]
+    room = max_length - len(prompt)
+    return prompt, [r[:room] for r in responses]
+
+
+def reply_text(template: ChatTemplate, reply: list[Message], bos: str, eos: str) -> str:
+    """A reply (usually one assistant message) rendered as the continuation of the generation
+    prompt, ending at EOS: the prompt already holds the assistant prefix, and nothing after EOS is
+    ever generated (the `plain` template's separator after EOS would otherwise be trained on)."""
+    text = "".join(t for t, _ in template.segments(reply, bos, eos))
+    prefix = template.assistant_prefix.format(bos=bos, eos=eos)
+    if prefix and text.startswith(prefix):
+        text = text[len(prefix):]
+    if eos and eos in text:
+        text = text[: text.rindex(eos) + len(eos)]
+    return text
+
+
 def encode_sft_causal(tok: Any, template: ChatTemplate, messages: list[Message], max_length: int) -> dict[str, list[int]]:
     """input_ids + labels (assistant tokens only) for a causal LM; history trimmed from the left."""
     bos, eos = _special(tok)

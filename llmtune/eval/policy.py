@@ -40,7 +40,7 @@ def compare(model_ref: str, baseline_ref: str, prompts: list[list[dict[str, str]
     if spec.kind != base_spec.kind or len(tok) != len(base_tok):
         raise ConfigError(f"--baseline: '{baseline_ref}' ({base_spec.kind}, {len(base_tok)} tokens) cannot be "
                           f"compared token by token with '{model_ref}' ({spec.kind}, {len(tok)} tokens)")
-    kind = spec.kind or "causal"
+    kind = spec.kind
     template = ChatTemplate.get(spec.template)
     decoder_start = getattr(model.config, "decoder_start_token_id", None)
     rollouts: dict[str, list[Rollout]] = {}

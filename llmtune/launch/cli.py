@@ -1,6 +1,7 @@
 """`llmtune plan RECIPE [KEY=VALUE ...]`: what a run will do and cost, before any model loads.
 
-Registered through `llmtune.cli.COMMAND_MODULES`; no torch import here or in `plan`.
+Registered through `llmtune.cli.COMMAND_MODULES`. The recipe is validated before torch is imported
+(`plan` counts parameters on the meta device, which needs torch but no weights).
 """
 
 from __future__ import annotations

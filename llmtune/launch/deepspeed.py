@@ -6,7 +6,7 @@ transformers checks these against its TrainingArguments and refuses a mismatch, 
 are derived from the same recipe keys that `stages.common.training_args` uses. Values only known
 once the model is built (bucket sizes from the hidden size) stay "auto" for transformers to fill.
 
-Generating a config needs no CUDA and no torch; only running one does (checked in `schema.check`).
+Generating a config needs no CUDA and no torch; only running one does (checked by `config/checks/distributed.py`).
 """
 
 from __future__ import annotations
@@ -18,16 +18,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from llmtune.config.checks.distributed import read_deepspeed_config
 from llmtune.config.schema import Recipe
-from llmtune.errors import ConfigError
 from llmtune.runs.rundir import RunDir
 
 CONFIG_FILE = "deepspeed.json"
 
 
-def world_size(recipe: Recipe) -> int:
-    """Processes over all nodes: the data-parallel degree ZeRO shards across."""
-    return recipe.distributed.num_processes * recipe.distributed.num_nodes
 
 
 def _precision_sections(precision: str) -> dict[str, Any]:
@@ -73,7 +70,7 @@ def build_config(recipe: Recipe, num_processes: int | None = None) -> dict[str, 
     """The DeepSpeed config for this recipe. `num_processes` (the world size) defaults to the
     recipe's; pass 0 to leave train_batch_size "auto" when the launcher decides the world size."""
     t = recipe.training
-    world = world_size(recipe) if num_processes is None else num_processes
+    world = recipe.distributed.world_size if num_processes is None else num_processes
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -92,19 +89,6 @@ def build_config(recipe: Recipe, num_processes: int | None = None) -> dict[str, 
     return config
 
 
-def read_user_config(path: str) -> dict[str, Any]:
-    """The user's own DeepSpeed JSON, with a clear error naming the file when it is unreadable."""
-    try:
-        data = json.loads(Path(path).expanduser().read_text())
-    except OSError as exc:
-        raise ConfigError(f"distributed.deepspeed_config: cannot read {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"distributed.deepspeed_config: {path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"distributed.deepspeed_config: {path} must hold a JSON object")
-    return data
-
-
 def deepspeed_config_for(recipe: Recipe, run: RunDir) -> str:
     """Write the run's DeepSpeed config (generated, or a copy of the user's) and return its path.
 
@@ -113,7 +97,7 @@ def deepspeed_config_for(recipe: Recipe, run: RunDir) -> str:
     same content in a temp file named after its hash (so repeated runs reuse it, nothing piles up).
     """
     d = recipe.distributed
-    config = read_user_config(d.deepspeed_config) if d.deepspeed_config else build_config(recipe)
+    config = read_deepspeed_config(d.deepspeed_config) if d.deepspeed_config else build_config(recipe)
     text = json.dumps(config, indent=2) + "\n"
     if run.main:
         run.path.mkdir(parents=True, exist_ok=True)

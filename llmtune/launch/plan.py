@@ -1,8 +1,10 @@
 """`llmtune plan`: the arithmetic of a run (rows, tokens, steps, GPU memory) before any model loads.
 
-No torch import: parameter counts come from the model's config.json (local directories, tiny
-models, the hub cache) or from the published configs of the registry's hub models below, and the
-per-module shapes of that config give LoRA and 4-bit sizes too.
+Parameter counts come from the model itself, built from its config.json (local directories, tiny
+models, the hub cache, or the published configs in models.yaml) on the meta device: accelerate's
+`init_empty_weights` + transformers' `from_config`, with peft adding the recipe's LoRA adapters, so
+trainable and 4-bit counts are what training will see, for any architecture. No weights are read
+or allocated; the recipe is validated before torch is imported.
 
 Memory per device, in bytes (P = parameters, T = trainable parameters, N = data-parallel processes):
   weights      full: P x w (w = 4 fp32, 2 bf16/fp16); lora: P x w + T x 4 (peft keeps adapters fp32);
@@ -12,15 +14,20 @@ Memory per device, in bytes (P = parameters, T = trainable parameters, N = data-
                T x 4 when DeepSpeed trains 16-bit weights (mixed precision keeps one)
   ZeRO         stage 2 divides gradients and optimizer by N, stage 3 also the weights;
                offload moves the optimizer (and with offload_params the weights) to CPU RAM
-  activations  batch x seq x hidden x layers x k, k = 34 bytes with 16-bit activations, 68 with
-               fp32 (Korthikanti et al. 2022, attention scores not materialised as with SDPA);
-               gradient checkpointing keeps only each layer's input (k = 2 / 4) plus one layer
-               recomputed at k = 34 / 68; plus fp32 logits and their gradient: batch x seq x vocab x 8.
-               rm and dpo run two sequences (chosen, rejected) per row: x 2.
+  activations  tokens x hidden x layers x k, k = 34 bytes with 16-bit activations, 68 with fp32
+               (Korthikanti et al. 2022); tokens = micro-batch x max_length (x 2 for the chosen and
+               rejected sequences of rm and dpo). Attention scores cost nothing with fused attention,
+               but a learned position bias (T5) makes them exist: tokens x max_length x heads x 12
+               bytes per attention layer (6 with 16-bit activations). Gradient checkpointing keeps only
+               each layer's input (2 or 4 bytes per token x hidden) plus one layer being recomputed.
+               A language-model head adds tokens x vocabulary x 12 bytes (fp32 logits, their
+               log-softmax and a gradient).
   reference    dpo with full fine-tuning keeps a frozen 16-bit copy of the policy (LoRA uses the
                base with adapters disabled: no copy)
   overhead     1 GiB for the CUDA context and allocator fragmentation
-These are estimates to within ~10-20 %; a run that lands above ~90 % of a GPU is flagged.
+The activation estimate is checked against the peak measured on the tiny models in fp32 on a CPU
+(benchmarks/plan_activations.py): within +1 % (tiny-llama), -11 % (tiny-gptj) and -10 to -18 %
+(tiny-t5). The 16-bit constants are not measured here. A run above ~90 % of a GPU is flagged.
 """
 
 from __future__ import annotations
@@ -30,125 +37,85 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtune.config.checks.data import STAGE_SHAPE
 from llmtune.config.schema import DATASET_FIELDS, Recipe
 from llmtune.errors import ConfigError, DataError
-from llmtune.registry.models import ModelSpec, resolve_model
+from llmtune.modeling.precision import resolve
+from llmtune.registry.models import ModelSpec, detect_kind, resolve_model
 
 GIB = 1024**3
 OVERHEAD_BYTES = GIB
 QLORA_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 nibbles + 8-bit absmax per 64 + fp32 per 256 blocks
 FIT_FRACTION = 0.9
-STAGE_SHAPE = {"sft": "sft", "rm": "preference", "dpo": "preference", "rs": "prompt", "ppo": "prompt"}
-
-
-@dataclass
-class Linear:
-    """`count` linear layers named `name` of shape fan_in x fan_out (what LoRA and NF4 act on)."""
-
-    name: str
-    fan_in: int
-    fan_out: int
-    count: int
-
-    @property
-    def params(self) -> int:
-        return self.fan_in * self.fan_out * self.count
+# Measured on the tiny models (benchmarks/plan_activations.py), fp32 on the CPU:
+LOGITS_BYTES = 12  # per token x vocabulary entry: fp32 logits, their log-softmax, one gradient at a time
+SCORE_BYTES = 12  # per attention-score entry: scores, biased copy, softmax (half of it with 16-bit activations)
 
 
 @dataclass
 class Shape:
-    """What the estimate needs from a model config."""
+    """What the estimate needs from a model, counted on an instance of it built from its config on
+    the meta device (real module structure, no weights, no memory)."""
 
     model_type: str
     hidden: int
     layers: int  # transformer blocks (encoder + decoder for seq2seq)
     vocab: int
-    linears: list[Linear]
-    other_params: int  # embeddings, norms, biases, heads: never quantised, not LoRA targets
-
-    @property
-    def params(self) -> int:
-        return sum(lin.params for lin in self.linears) + self.other_params
-
-    def lora_params(self, targets: list[str] | str, r: int) -> int:
-        chosen = self.linears if targets == "all-linear" else [lin for lin in self.linears if lin.name in targets]
-        return sum(r * (lin.fan_in + lin.fan_out) * lin.count for lin in chosen)
+    params: int
+    trainable: int  # with the recipe's fine-tuning method (LoRA adapters as peft adds them)
+    quantized: int  # parameters bitsandbytes stores in 4 bit under QLoRA (its linear layers)
+    vocab_logits: bool  # the head scores the vocabulary (False for a reward model's one logit)
+    heads: int
+    score_layers: int  # attention layers that materialise their (heads x seq x seq) scores; 0 when fused
 
 
-def _llama(c: dict[str, Any]) -> Shape:
-    h, n, v = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-    heads = c["num_attention_heads"]
-    kv = c.get("num_key_value_heads") or heads
-    hd = c.get("head_dim") or h // heads
-    i = c["intermediate_size"]
-    lin = [Linear("q_proj", h, heads * hd, n), Linear("k_proj", h, kv * hd, n), Linear("v_proj", h, kv * hd, n),
-           Linear("o_proj", heads * hd, h, n), Linear("gate_proj", h, i, n), Linear("up_proj", h, i, n),
-           Linear("down_proj", i, h, n)]
-    other = v * h + 2 * h * n + h + (0 if c.get("tie_word_embeddings") else v * h)
-    return Shape(c.get("model_type", "llama"), h, n, v, lin, other)
+def model_shape(config: dict[str, Any], recipe: Recipe, spec: ModelSpec) -> Shape:
+    """Build the model the recipe trains from `config` on the meta device (accelerate's
+    `init_empty_weights` + transformers' `from_config`, peft for the adapters) and count it."""
+    from accelerate import init_empty_weights
+    from torch import nn
+    from transformers import AutoConfig
+    from transformers.quantizers.base import get_keys_to_not_convert
 
+    from llmtune.modeling.load import TASK, auto_class
 
-def _gptj(c: dict[str, Any]) -> Shape:
-    h, n, v = c["n_embd"], c["n_layer"], c["vocab_size"]
-    i = c.get("n_inner") or 4 * h
-    lin = [Linear(name, h, h, n) for name in ("q_proj", "k_proj", "v_proj", "out_proj")]
-    lin += [Linear("fc_in", h, i, n), Linear("fc_out", i, h, n)]
-    # fc biases and ln_1 (weight, bias) per block; ln_f; untied lm_head with bias
-    other = v * h + n * (i + h + 2 * h) + 2 * h + (0 if c.get("tie_word_embeddings") else v * h + v)
-    return Shape("gptj", h, n, v, lin, other)
-
-
-def _t5(c: dict[str, Any]) -> Shape:
-    d, ff, v, heads = c["d_model"], c["d_ff"], c["vocab_size"], c["num_heads"]
-    inner = heads * c.get("d_kv", d // heads)
-    enc, dec = c["num_layers"], c.get("num_decoder_layers") or c["num_layers"]
-    gated = str(c.get("feed_forward_proj", "relu")).startswith("gated")
-    attn = enc + 2 * dec  # self-attention in every block, cross-attention in decoder blocks
-    lin = [Linear("q", d, inner, attn), Linear("k", d, inner, attn), Linear("v", d, inner, attn),
-           Linear("o", inner, d, attn)]
-    lin += [Linear("wi_0", d, ff, enc + dec), Linear("wi_1", d, ff, enc + dec)] if gated \
-        else [Linear("wi", d, ff, enc + dec)]
-    lin += [Linear("wo", ff, d, enc + dec)]
-    buckets = c.get("relative_attention_num_buckets", 32) * heads * 2  # first encoder and decoder block
-    norms = d * (2 * enc + 3 * dec + 2)
-    # No separate lm_head: transformers 5 ties T5's head to the shared embedding whatever
-    # tie_word_embeddings says (so that is what gets loaded and trained).
-    return Shape("t5", d, enc + dec, v, lin, v * d + buckets + norms)
-
-
-def _bert(c: dict[str, Any]) -> Shape:
-    h, n, v, i = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"]
-    lin = [Linear(name, h, h, n) for name in ("query", "key", "value")]
-    lin += [Linear("dense", h, h, n), Linear("dense", h, i, n), Linear("dense", i, h, n)]
-    emb = (v + c.get("max_position_embeddings", 512) + c.get("type_vocab_size", 2)) * h + 2 * h
-    per_block = 4 * h + 2 * h + i + h + 2 * h  # biases of the six linears, two LayerNorms
-    pooler_and_score = h * h + h + h + 1  # sequence-classification head with one logit
-    return Shape("bert", h, n, v, lin, emb + n * per_block + pooler_and_score)
-
-
-ARCHS = {"llama": _llama, "mistral": _llama, "qwen2": _llama, "gptj": _gptj, "t5": _t5, "bert": _bert}
-
-
-def shape_from_config(config: dict[str, Any]) -> Shape:
-    """Parameter layout from a transformers config.json (llama-like layout for unknown decoders)."""
-    model_type = config.get("model_type", "")
-    build = ARCHS.get(model_type, _llama)
+    kind = spec.kind or detect_kind(config, spec.name)
+    head = "classifier" if recipe.stage == "rm" else kind
+    values = {k: v for k, v in config.items() if k != "model_type"}
+    if head == "classifier":
+        values["num_labels"] = 1
     try:
-        return build(config)
-    except KeyError as exc:
-        raise ConfigError(f"model.name: cannot size a '{model_type}' model from its config (no {exc})") from None
+        cfg = AutoConfig.for_model(config["model_type"], **values)
+    except (KeyError, ValueError) as exc:  # no or an unknown model_type: transformers cannot build it
+        reason = str(exc).split(". ")[0]  # transformers lists every model type after the first sentence
+        raise ConfigError(f"model.name: cannot build '{spec.name}' from its config ({reason})") from None
+    m = recipe.model
+    with init_empty_weights(include_buffers=True):  # buffers too, or tied embeddings stay untied
+        model = auto_class(head).from_config(cfg)
+        params = sum(p.numel() for p in model.parameters())
+        keep = get_keys_to_not_convert(model)
+        quantized = sum(mod.weight.numel() for name, mod in model.named_modules()
+                        if isinstance(mod, nn.Linear) and not any(name == k or name.endswith("." + k) for k in keep))
+        trainable = params
+        if m.finetuning != "full":
+            from peft import LoraConfig, get_peft_model
 
-
-def _hub_cache_config(hub_id: str) -> Path | None:
-    """config.json of a hub model already downloaded (HF_HUB_CACHE, else HF_HOME/hub)."""
-    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
-    root = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
-    found = sorted((root / f"models--{hub_id.replace('/', '--')}" / "snapshots").glob("*/config.json"))
-    return found[-1] if found else None
+            lora = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, target_modules=m.lora.target_modules or
+                              spec.lora_targets, task_type=TASK[head])
+            trainable = sum(p.numel() for p in get_peft_model(model, lora).parameters() if p.requires_grad)
+    decoder = (getattr(cfg, "num_decoder_layers", None) or cfg.num_hidden_layers) if cfg.is_encoder_decoder else 0
+    layers = cfg.num_hidden_layers + decoder
+    # Fused attention (SDPA) keeps no scores, unless a learned position bias is added to them (T5's
+    # relative attention): then the scores exist, once per self-attention and per cross-attention.
+    materialised = cfg._attn_implementation == "eager" or hasattr(cfg, "relative_attention_num_buckets")
+    return Shape(cfg.model_type, cfg.hidden_size, layers, cfg.vocab_size, params, trainable, quantized,
+                 vocab_logits=head != "classifier", heads=cfg.num_attention_heads,
+                 score_layers=layers + decoder if materialised else 0)
 
 
 def model_config(spec: ModelSpec) -> tuple[dict[str, Any], str]:
@@ -167,9 +134,11 @@ def model_config(spec: ModelSpec) -> tuple[dict[str, Any], str]:
     if spec.path and (Path(spec.path) / "config.json").exists():
         return json.loads((Path(spec.path) / "config.json").read_text()), str(Path(spec.path) / "config.json")
     if spec.hub_id:
-        cached = _hub_cache_config(spec.hub_id)
-        if cached:
-            return json.loads(cached.read_text()), str(cached)
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec.hub_id, "config.json")
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text()), cached
         if spec.extra.get("config"):  # the registry carries the published config (models.yaml)
             return dict(spec.extra["config"]), f"published config of {spec.hub_id}"
     raise ConfigError(f"model.name: no config.json for '{spec.name}' here (not a local directory, not in the "
@@ -187,7 +156,6 @@ def _hub_cached(hub_id: str) -> bool:
 def count_rows(recipe: Recipe) -> list[dict[str, Any]]:
     """Per dataset entry: name, source and train/eval row counts (None when only on the hub and not
     cached: plan never downloads)."""
-    from llmtune.data.load import load_mixture
     from llmtune.data.registry import get_entry
 
     d = recipe.data
@@ -203,23 +171,59 @@ def count_rows(recipe: Recipe) -> list[dict[str, Any]]:
             row["note"] = "on the hub, not cached: rows unknown"
             out.append(row)
             continue
-        if hub:  # cached: read it without touching the network
-            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        spec = {k: getattr(src, k) for k in DATASET_FIELDS}
+        job = {"spec": {k: getattr(src, k) for k in DATASET_FIELDS}, "shape": STAGE_SHAPE[recipe.stage],
+               "seed": recipe.training.seed, "registries": d.registry}
         try:
-            train, evals = load_mixture([spec], shape=STAGE_SHAPE[recipe.stage], seed=recipe.training.seed,
-                                        extra_registries=d.registry)
+            train, evals = _count_offline(job) if hub else _count(job)
         except (DataError, ConfigError) as exc:
             raise DataError(f"data ({label}): {exc}") from None
-        row.update(train_rows=len(train), eval_rows=len(evals))
+        row.update(train_rows=train, eval_rows=evals)
         out.append(row)
     return out
 
 
+def _count(job: dict[str, Any]) -> tuple[int, int]:
+    """(train rows, eval rows) of one dataset entry, loaded as the run will load it."""
+    from llmtune.data.load import load_mixture
+
+    train, evals = load_mixture([job["spec"]], shape=job["shape"], seed=job["seed"],
+                                extra_registries=job["registries"])
+    return len(train), len(evals)
+
+
+def _count_offline(job: dict[str, Any]) -> tuple[int, int]:
+    """`_count` of a cached hub dataset in a child process with the hub switched off: plan never
+    downloads, and datasets and huggingface_hub read that switch once per process, so it must not
+    be set in this one (the web UI plans inside its server)."""
+    code = ("import json, sys\nfrom llmtune.errors import LLMTuneError\nfrom llmtune.launch.plan import _count\n"
+            "try:\n    print(json.dumps(_count(json.loads(sys.argv[1]))))\n"
+            "except LLMTuneError as exc:\n    sys.exit(str(exc))\n")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(job)], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise DataError((proc.stderr.strip().splitlines() or ["counting rows failed"])[-1])
+    train, evals = json.loads(proc.stdout)
+    return train, evals
+
+
+def micro_batch(recipe: Recipe) -> int:
+    """Sequences per device in one forward/backward pass."""
+    if recipe.stage == "ppo":
+        return recipe.ppo.mini_batch_size // recipe.training.gradient_accumulation_steps
+    return recipe.training.batch_size
+
+
 def optimizer_steps(rows: int | None, recipe: Recipe, world: int) -> int | None:
-    """Steps as transformers counts them: ceil(ceil(rows / (batch x world)) / accum) per epoch."""
+    """Steps as transformers counts them: ceil(ceil(rows / (batch x world)) / accum) per epoch; for
+    ppo, its updates: PPO steps x ppo_epochs x minibatches per rollout batch."""
     t = recipe.training
+    if recipe.stage == "ppo":
+        p = recipe.ppo
+        steps = t.max_steps if t.max_steps > 0 else \
+            None if rows is None else max(1, math.ceil(t.epochs * rows / (p.rollout_batch_size * world)))
+        return None if steps is None else steps * p.ppo_epochs * (p.rollout_batch_size // p.mini_batch_size)
     if t.max_steps > 0:
         return t.max_steps
     if rows is None:
@@ -252,14 +256,12 @@ def _dtype_bytes(name: str) -> int:
 def memory_estimate(recipe: Recipe, shape: Shape, spec: ModelSpec, on_gpu: bool) -> dict[str, Any]:
     """Per-device memory components in bytes (see the module docstring for every formula)."""
     m, t, d = recipe.model, recipe.training, recipe.distributed
-    world = d.num_processes * d.num_nodes
-    precision = t.precision if t.precision != "auto" else ("bf16" if on_gpu else "fp32")
+    world = d.world_size
+    precision = resolve(t.precision, cuda=on_gpu)
     dtype = m.dtype if m.dtype != "auto" else (spec.dtype if on_gpu else "float32")
     deepspeed = d.strategy == "deepspeed"
     half = precision in ("bf16", "fp16")
-    P = shape.params
-    targets = m.lora.target_modules or spec.lora_targets
-    T = P if m.finetuning == "full" else shape.lora_params(targets, m.lora.r)
+    P, T = shape.params, shape.trainable
 
     if m.finetuning == "full":
         w = 2 if (deepspeed and half) else _dtype_bytes(dtype)
@@ -269,8 +271,7 @@ def memory_estimate(recipe: Recipe, shape: Shape, spec: ModelSpec, on_gpu: bool)
         weights = P * _dtype_bytes(dtype) + T * 4
         grad_bytes = 4
     else:  # qlora
-        linear = sum(lin.params for lin in shape.linears)
-        weights = linear * QLORA_BYTES + (P - linear) * 2 + T * 4
+        weights = shape.quantized * QLORA_BYTES + (P - shape.quantized) * 2 + T * 4
         grad_bytes = 4
     gradients = T * grad_bytes
     optimizer = T * (2 if "8bit" in t.optimizer else 8)
@@ -293,12 +294,14 @@ def memory_estimate(recipe: Recipe, shape: Shape, spec: ModelSpec, on_gpu: bool)
     act_k = 34 if half else 68
     seq = recipe.data.max_length
     pairs = 2 if recipe.stage in ("rm", "dpo") else 1
-    tokens = t.batch_size * seq * pairs
+    tokens = micro_batch(recipe) * seq * pairs
+    scores = tokens * seq * shape.heads * (SCORE_BYTES // 2 if half else SCORE_BYTES)  # one attention layer
     if t.gradient_checkpointing:  # each layer's input (2 or 4 bytes) + one layer being recomputed
-        activations = tokens * shape.hidden * (shape.layers * (2 if half else 4) + act_k)
+        activations = tokens * shape.hidden * (shape.layers * (2 if half else 4) + act_k) + min(shape.score_layers, 1) * scores
     else:
-        activations = tokens * shape.hidden * shape.layers * act_k
-    activations += tokens * shape.vocab * 8
+        activations = tokens * shape.hidden * shape.layers * act_k + shape.score_layers * scores
+    if shape.vocab_logits:
+        activations += tokens * shape.vocab * LOGITS_BYTES
     reference = P * 2 if (recipe.stage == "dpo" and m.finetuning == "full") else 0
     if deepspeed and d.zero_stage == 3:
         reference /= world
@@ -323,10 +326,10 @@ def make_plan(recipe: Recipe, gpu_memory_gb: float | None = None, gpus: list[flo
     model_name: the model to size instead of recipe.model.name (a pipeline stage whose model is an
     earlier stage's run, not trained yet, has that stage's model's shape)."""
     d, t = recipe.distributed, recipe.training
-    world = d.num_processes * d.num_nodes
+    world = d.world_size
     spec = resolve_model(model_name or recipe.model.name, template=recipe.model.template)
     config, config_source = model_config(spec)
-    shape = shape_from_config(config)
+    shape = model_shape(config, recipe, spec)
     gpus = gpus_present() if gpus is None else gpus
     target = gpu_memory_gb if gpu_memory_gb is not None else (min(gpus) if gpus else None)
     mem = memory_estimate(recipe, shape, spec, on_gpu=target is not None)
@@ -335,7 +338,7 @@ def make_plan(recipe: Recipe, gpu_memory_gb: float | None = None, gpus: list[flo
     known = [r["train_rows"] for r in datasets]
     rows = None if any(r is None for r in known) else sum(known)
     steps = optimizer_steps(rows, recipe, world)
-    global_batch = t.batch_size * t.gradient_accumulation_steps * world
+    global_batch = micro_batch(recipe) * t.gradient_accumulation_steps * world
     seq = recipe.data.max_length
 
     warnings = []

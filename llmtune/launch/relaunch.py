@@ -20,25 +20,20 @@ forwards SIGTERM, so it never exits before its workers; it exits 130 / 143 like 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from llmtune.config.schema import Recipe, cuda_present
-from llmtune.errors import ConfigError
+from llmtune.config.checks.device import cuda_present
+from llmtune.config.schema import Recipe
+from llmtune.modeling.precision import accelerate_name, resolve
 from llmtune.runs.lock import PARENT_HOLDS
 from llmtune.runs.rundir import STATUS_DONE, STATUS_INTERRUPTED, RunDir, exit_code
 
 LAUNCH_ENV = ("LOCAL_RANK", "RANK")
 SHUTDOWN_TIMEOUT_S = 600
-
-
-def world_size(recipe: Recipe) -> int:
-    d = recipe.distributed
-    return d.num_processes * d.num_nodes
 
 
 def inside_launcher() -> bool:
@@ -49,7 +44,7 @@ def inside_launcher() -> bool:
 def needs_relaunch(recipe: Recipe) -> bool:
     """More than one process (or DeepSpeed, whose engine wants a launcher's rank/world environment
     even for one GPU) asked for, and this is the user's process, not a worker."""
-    wants = world_size(recipe) > 1 or recipe.distributed.strategy == "deepspeed"
+    wants = recipe.distributed.world_size > 1 or recipe.distributed.strategy == "deepspeed"
     return wants and not inside_launcher()
 
 
@@ -57,9 +52,7 @@ def _mixed_precision(recipe: Recipe, cuda: bool) -> str | None:
     """accelerate's --mixed_precision; None ("auto" on a GPU) leaves it to the Trainer's bf16/fp16
     flags, which are resolved on the GPU itself and take precedence anyway."""
     p = recipe.training.precision
-    if not cuda or p == "fp32":
-        return "no"
-    return None if p == "auto" else p
+    return None if cuda and p == "auto" else accelerate_name(resolve(p, cuda))
 
 
 def launch_command(recipe: Recipe, train_args: list[str], run_dir: Path, cuda: bool | None = None) -> list[str]:
@@ -73,7 +66,7 @@ def launch_command(recipe: Recipe, train_args: list[str], run_dir: Path, cuda: b
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if d.accelerate_config:
         cmd += ["--config_file", str(Path(d.accelerate_config).expanduser())]
-    cmd += ["--num_processes", str(world_size(recipe)), "--num_machines", str(d.num_nodes),
+    cmd += ["--num_processes", str(recipe.distributed.world_size), "--num_machines", str(d.num_nodes),
             "--machine_rank", str(d.machine_rank), "--main_process_port", str(d.main_process_port),
             "--dynamo_backend", "no"]
     if d.main_process_ip:
@@ -115,13 +108,10 @@ def train_args(recipe_path: str, overrides: list[str], run_dir: Path, resume: bo
 
 
 def relaunch(recipe: Recipe, recipe_path: str, overrides: list[str], run_dir: Path, resume: bool) -> int:
-    """Run the recipe in `world_size` workers and wait; exit code like a single-process run
+    """Run the recipe in `distributed.world_size` workers and wait; exit code like a single-process run
     (0 completed, 130 / 143 interrupted by SIGINT / SIGTERM, else the launcher's failure code)."""
-    if recipe.distributed.hostfile and not shutil.which("pdsh"):
-        raise ConfigError("distributed.hostfile: multi-node DeepSpeed with a hostfile needs `pdsh` on this "
-                          "machine; install it, or drop hostfile and run the command on every node")
     cmd = launch_command(recipe, train_args(recipe_path, overrides, run_dir, resume), run_dir)
-    print(f"[llmtune] launching {world_size(recipe)} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    print(f"[llmtune] launching {recipe.distributed.world_size} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env={**launch_env(), PARENT_HOLDS: str(run_dir.resolve())})
 
     def forward(signum: int, _frame: Any) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from llmtune.config.schema import GenerationSection
 from llmtune.data.templates import ChatTemplate, Message, encode_prompt
+from llmtune.modeling.batch import pad_batch
 
 
 def generation_kwargs(gen: GenerationSection, tok: Any) -> dict[str, Any]:
@@ -32,18 +33,8 @@ def batch_prompts(tok: Any, template: ChatTemplate, prompts: list[list[Message]]
     """Tokenise prompts into a padded batch: left padding for causal (generation continues at the
     right edge), right padding for seq2seq encoders."""
     ids = [encode_prompt(tok, template, p, max_prompt_length) for p in prompts]
-    width = max(len(x) for x in ids)
-    pad = tok.pad_token_id
-    left = kind != "seq2seq"
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        if not x:
-            continue
-        sl = slice(width - len(x), width) if left else slice(0, len(x))
-        input_ids[i, sl] = torch.tensor(x)
-        mask[i, sl] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    batch = pad_batch(ids, tok.pad_token_id, "right" if kind == "seq2seq" else "left")
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> str:

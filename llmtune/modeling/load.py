@@ -64,7 +64,7 @@ def resolve_kind(spec: ModelSpec) -> str:
         cfg = AutoConfig.from_pretrained(spec.location())
     except OSError as exc:
         raise _hub_error(spec.location(), exc) from None
-    spec.kind = detect_kind(cfg.to_dict())
+    spec.kind = detect_kind(cfg.to_dict(), spec.location())
     return spec.kind
 
 
@@ -84,7 +84,7 @@ def load_tokenizer(spec: ModelSpec, template: ChatTemplate | None = None) -> Any
     return tok
 
 
-def _auto_class(head: str) -> Any:
+def auto_class(head: str) -> Any:
     import transformers
 
     return {"causal": transformers.AutoModelForCausalLM, "seq2seq": transformers.AutoModelForSeq2SeqLM,
@@ -97,7 +97,7 @@ def _from_pretrained(head: str, ref: str, pooling: str | None = None, **kwargs: 
             from llmtune.modeling.pooling import MeanPooledClassifier
 
             return MeanPooledClassifier.load(ref, **kwargs)
-        return _auto_class(head).from_pretrained(ref, **kwargs)
+        return auto_class(head).from_pretrained(ref, **kwargs)
     except OSError as exc:
         raise _hub_error(ref, exc) from None
 

@@ -29,13 +29,10 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return var * n / (n - 1).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Standardise over the masked entries; advantages keep a zero mean, returns could keep theirs."""
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Standardize over the masked entries (zero mean, unit variance)."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -140,30 +137,3 @@ class AdaptiveKLController(FixedKLController):
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
-
-
-class RunningMoments:
-    """Running mean/std of rewards across steps (Chan et al. parallel update) for normalisation."""
-
-    def __init__(self) -> None:
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-24
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.double()
-        batch_mean, batch_var, n = x.mean().item(), x.var(unbiased=False).item(), x.numel()
-        delta = batch_mean - self.mean
-        total = self.count + n
-        m2 = self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total
-        self.mean += delta * n / total
-        self.var = m2 / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return max(self.var, 1e-12) ** 0.5
-
-    def state_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 import yaml
 
 from llmtune.errors import ConfigError, hint
+
+log = logging.getLogger("llmtune.registry")
 
 REGISTRY_FILE = Path(__file__).with_name("models.yaml")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -93,8 +96,9 @@ def _from_entry(name: str, entry: dict[str, Any]) -> ModelSpec:
     )
 
 
-def detect_kind(config: dict[str, Any]) -> str:
-    """Architecture kind from a transformers config.json."""
+def detect_kind(config: dict[str, Any], where: str = "the model") -> str:
+    """Architecture kind from a transformers config.json; an architecture it cannot place is an
+    error, not a guess (a wrong kind would train the wrong head)."""
     if config.get("is_encoder_decoder"):
         return "seq2seq"
     archs = config.get("architectures") or []
@@ -103,8 +107,10 @@ def detect_kind(config: dict[str, Any]) -> str:
     if config.get("model_type") in ENCODER_TYPES:
         return "encoder"
     if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "encoder" if config.get("model_type") in ENCODER_TYPES else "causal"
-    return "causal"
+        return "causal"  # a decoder with a score head (an rm run on a causal LM)
+    raise ConfigError(f"{where}: cannot tell whether model_type '{config.get('model_type')}' (architectures "
+                      f"{archs}) is a causal LM, a seq2seq model or an encoder; write {{\"kind\": \"causal\"}} (or "
+                      f"seq2seq, encoder) into {META_FILE} next to its config.json")
 
 
 def _from_directory(name: str, path: Path, template: str | None) -> ModelSpec:
@@ -124,11 +130,23 @@ def _from_directory(name: str, path: Path, template: str | None) -> ModelSpec:
     if not (path / "config.json").exists():
         raise ConfigError(f"{path}: not a model directory (no config.json or adapter_config.json)")
     config = json.loads((path / "config.json").read_text())
-    kind = meta.get("kind") or detect_kind(config)
-    default_template = "flan" if kind == "seq2seq" else "hh" if kind == "encoder" else "plain"
-    return ModelSpec(name=name, kind=kind, template=template or meta.get("template") or default_template,
+    kind = meta.get("kind") or detect_kind(config, str(path))
+    chosen = template or meta.get("template")
+    if chosen is None:
+        chosen = "flan" if kind == "seq2seq" else "hh" if kind == "encoder" else "plain"
+        log.info("model %s records no chat template: using '%s' for a %s model (set model.template to choose)",
+                 path, chosen, kind)
+    return ModelSpec(name=name, kind=kind, template=chosen,
                      context_length=config.get("max_position_embeddings") or config.get("n_positions"),
                      path=str(path), pooling=meta.get("pooling"), extra=meta)
+
+
+def looks_local(name: str) -> bool:
+    """Whether a missing `owner/name` reference means a local directory rather than a hub id: it
+    starts like a path, or its first part is a directory here or `runs` (where llmtune writes runs),
+    so `runs/sft-gptj-hh` before that run exists is a missing directory, not a hub model."""
+    first = name.split("/", 1)[0]
+    return name.startswith((".", "/", "~")) or first == "runs" or Path(first).expanduser().is_dir()
 
 
 def resolve_model(name: str, template: str | None = None) -> ModelSpec:
@@ -150,12 +168,15 @@ def resolve_model(name: str, template: str | None = None) -> ModelSpec:
         entries = [p.name for p in path.parent.iterdir() if p.is_dir()]
         raise ConfigError(f"no such model directory: {name} (the directory {path.parent}/ exists here but holds "
                           f"no '{path.name}'){hint(path.name, entries) if entries else ''}")
-    if HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+    if HUB_ID.match(name) and not looks_local(name):
         for reg_name, entry in models.items():  # a hub id the registry knows keeps its template
             if entry.get("hub_id") == name:
                 spec = _from_entry(reg_name, entry)
                 spec.template = template or spec.template
                 return spec
+        if template is None:
+            log.info("hub model %s is not in the registry: using chat template 'plain' (set model.template to "
+                     "choose)", name)
         return ModelSpec(name=name, kind=None, template=template or "plain", hub_id=name)
     if name.startswith((".", "/", "~")) or "/" in name:
         raise ConfigError(f"no such model directory: {name}")

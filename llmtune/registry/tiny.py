@@ -17,8 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from llmtune.runs.rundir import follow_umask
-
 TOKENIZER_DIR = Path(__file__).with_name("tokenizer")
 MARKER_FILE = "llmtune_tiny.json"
 SEED = 0
@@ -145,7 +143,6 @@ def _build(name: str, dest: Path) -> None:
     torch.manual_seed(SEED)
     model = model_cls(config).to(torch.float32)
     model.save_pretrained(str(dest))
-    follow_umask(dest)
     for f in TOKENIZER_DIR.iterdir():
         if f.is_file():
             shutil.copyfile(f, dest / f.name)

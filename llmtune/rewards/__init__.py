@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llmtune.config.schema import RewardSection
-from llmtune.errors import ConfigError
 from llmtune.rewards.base import Normalized, RewardError, RewardSource, reward_stats
 
 __all__ = ["BUILDERS", "RewardError", "RewardSource", "build_reward", "reward_stats"]
@@ -47,7 +46,8 @@ def _rule(section: RewardSection, where: str) -> RewardSource:
 def _mix(section: RewardSection, where: str) -> RewardSource:
     from llmtune.rewards.mix import MixReward
 
-    return MixReward(section, where)
+    return MixReward([(c.weight, c.type, build_reward(c, f"{where}.components[{i}]"))
+                      for i, c in enumerate(section.components or [])])
 
 
 BUILDERS: dict[str, Callable[[RewardSection, str], RewardSource]] = {
@@ -60,11 +60,9 @@ BUILDERS: dict[str, Callable[[RewardSection, str], RewardSource]] = {
 
 
 def build_reward(section: RewardSection, where: str = "reward") -> RewardSource:
-    """The reward source a recipe's `reward` section describes (`where`: its key path, for errors).
+    """The reward source a validated `reward` section describes (`where`: its key path, for the
+    errors only loading can reveal). The recipe schema (`config/checks/reward.py`) has checked it.
 
-    `normalize: true` wraps the source in running mean/std standardisation, at any level."""
-    builder = BUILDERS.get(section.type)
-    if builder is None:
-        raise ConfigError(f"{where}.type: unknown reward type '{section.type}' (valid: {', '.join(BUILDERS)})")
-    source = builder(section, where)
+    `normalize: true` wraps the source in running mean/std standardization, at any level."""
+    source = BUILDERS[section.type](section, where)
     return Normalized(source) if section.normalize else source

@@ -47,7 +47,8 @@ def prompt_text(messages: list[Message]) -> str:
 
 
 class RunningStats:
-    """Running mean/variance across calls (Welford), so normalisation does not depend on batch size."""
+    """Running mean/variance across calls (Welford), so standardization does not depend on batch
+    size: the one implementation behind `reward.normalize` and `ppo.reward_normalize`."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -63,11 +64,19 @@ class RunningStats:
 
     @property
     def std(self) -> float:
-        return math.sqrt(self._m2 / (self.count - 1)) if self.count > 1 else 1.0
+        """Sample standard deviation; 1 until there are two distinct values (nothing to scale by)."""
+        std = math.sqrt(self._m2 / (self.count - 1)) if self.count > 1 else 1.0
+        return std if std > 1e-8 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self._m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self._m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
 
 
 class Normalized:
-    """`normalize: true`: standardise a source's scores with running mean/std over every call so far.
+    """`normalize: true`: standardize a source's scores with running mean/std over every call so far.
 
     The statistics include the current batch, so the very first batch is already centred."""
 
@@ -78,8 +87,7 @@ class Normalized:
     def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
         raw = self.source.score(prompts, responses)
         self.running.update(raw)
-        std = self.running.std if self.running.std > 1e-8 else 1.0
-        return [(r - self.running.mean) / std for r in raw]
+        return [(r - self.running.mean) / self.running.std for r in raw]
 
     def stats(self) -> dict[str, float]:
         return {**reward_stats(self.source), "running_mean": self.running.mean, "running_std": self.running.std}

@@ -53,6 +53,7 @@ class ClassifierReward:
             raise ConfigError(f"{where}.model: cannot load classifier '{section.model}': "
                               f"{str(exc).splitlines()[0]}") from None
         num_labels = self.model.config.num_labels
+        # The schema checks this whenever the config is on disk; a hub model is only known once loaded.
         if section.label_index >= num_labels:
             raise ConfigError(f"{where}.label_index: {section.label_index} is out of range; '{section.model}' "
                               f"has {num_labels} labels {self.model.config.id2label}")

@@ -7,7 +7,9 @@ Two backends behind one prompt and one parser:
   - `model`: a local model (registry name, run dir, path) loaded with `load_for_inference`,
     greedy generation through `llmtune.modeling.generate`.
 
-The answer's first number is the score, clamped to `score_range`. An answer without a number is
+The answer's rating is the score, clamped to `score_range` (`parse_score`: "7/10" and "7 out of 10"
+give 7, a restated scale such as "on a scale of 1 to 10: 8" is skipped, else the first number
+counts). An answer without a number is
 not fatal: it scores `fallback` and is counted (`stats()` → fallbacks), because one odd answer
 in thousands must not kill a long run. An endpoint still failing after the retries is an error.
 """
@@ -39,21 +41,32 @@ Reply to grade:
 
 Answer with the number only."""
 
-MAX_NEW_TOKENS = 32  # a rating, not an essay: longer answers are cut, the first number still wins
+MAX_NEW_TOKENS = 32  # a rating, not an essay: longer answers are cut
 ATTEMPTS = 4
 BACKOFF_S = 0.5  # doubled after each failed attempt: 0.5, 1, 2 s
 TIMEOUT_S = 60.0
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_N = r"[-+]?\d+(?:\.\d+)?"
+_NUMBER = re.compile(_N)
+# A judge restating the scale: "on a scale of 1 to 10", "(from 0 to 10)", "between 1 and 5".
+_SCALE = re.compile(rf"(?:scale|range)\s+(?:of|from)?\s*{_N}\s*(?:to|-|–)\s*{_N}|between\s+{_N}\s+and\s+{_N}"
+                    rf"|from\s+{_N}\s+to\s+{_N}", re.IGNORECASE)
+_OUT_OF = re.compile(rf"({_N})\s*(?:/|out\s+of)\s*{_N}", re.IGNORECASE)  # "7/10", "7 out of 10"
 _FIELD = re.compile(r"\{(prompt|response|min|max)\}")
 
 
 def parse_score(answer: str, low: float, high: float) -> float | None:
-    """The first number in the answer clamped to [low, high]; None when there is none."""
-    match = _NUMBER.search(answer)
+    """The rating in a judge's answer clamped to [low, high]; None when there is none.
+
+    The scale itself is skipped where the answer restates it ("on a scale of 1 to 10: 8", "a 1-10
+    scale", with the asked maximum), a fraction gives its numerator ("7/10"), else the first
+    number counts."""
+    text = _SCALE.sub(" ", answer)
+    text = re.sub(rf"(?<![\d.]){_N}\s*(?:-|–|to)\s*{re.escape(f'{high:g}')}(?![\d.])", " ", text)
+    match = _OUT_OF.search(text) or _NUMBER.search(text)
     if match is None:
         return None
-    return min(high, max(low, float(match.group())))
+    return min(high, max(low, float(match.group(1) if match.re is _OUT_OF else match.group())))
 
 
 def fill(template: str, prompt: list[Message], response: str, low: float, high: float) -> str:
@@ -66,16 +79,11 @@ class EndpointBackend:
     """Chat completions over HTTP with retries; `batch_size` requests in parallel."""
 
     def __init__(self, section: RewardSection, where: str):
-        if not section.judge_model:
-            raise ConfigError(f"{where}.judge_model: required with `endpoint` (the model name the server serves)")
         self.url = (section.endpoint or "").rstrip("/") + "/chat/completions"
         self.model = section.judge_model
         self.headers = {"Content-Type": "application/json"}
-        if section.api_key_env:
-            key = os.environ.get(section.api_key_env)
-            if not key:
-                raise ConfigError(f"{where}.api_key_env: environment variable {section.api_key_env} is not set")
-            self.headers["Authorization"] = f"Bearer {key}"
+        if section.api_key_env:  # the schema checked it is set
+            self.headers["Authorization"] = f"Bearer {os.environ[section.api_key_env]}"
         self.workers = section.batch_size
         self.retries = 0
         self._lock = threading.Lock()
@@ -122,10 +130,8 @@ class LocalBackend:
 
         try:
             self.model, self.tok, spec = load_for_inference(section.model or "")
-        except ConfigError as exc:
+        except ConfigError as exc:  # a hub model that cannot be fetched: name the key
             raise ConfigError(f"{where}.model: {exc}") from None
-        if spec.kind not in ("causal", "seq2seq"):
-            raise ConfigError(f"{where}.model: a judge must be a generative model; '{section.model}' is {spec.kind}")
         self.kind = spec.kind
         self.template = ChatTemplate.get(spec.template)
         self.batch_size = section.batch_size
@@ -142,20 +148,14 @@ class LocalBackend:
 
 
 class JudgeReward:
-    """Fill the rating prompt, ask the backend, parse the first number (or count a fallback)."""
+    """Fill the rating prompt, ask the backend, parse the rating (or count a fallback)."""
 
     def __init__(self, section: RewardSection, where: str = "reward"):
         self.template = section.template or DEFAULT_TEMPLATE
-        if "{response}" not in self.template:
-            raise ConfigError(f"{where}.template: must contain the {{response}} placeholder")
         self.low, self.high = section.score_range
         self.fallback = section.fallback
-        if section.endpoint:
-            self.backend: EndpointBackend | LocalBackend = EndpointBackend(section, where)
-        elif section.model:
-            self.backend = LocalBackend(section, where)
-        else:
-            raise ConfigError(f"{where}: a judge needs `model` (local LLM) or `endpoint` (OpenAI-compatible URL)")
+        self.backend: EndpointBackend | LocalBackend = (
+            EndpointBackend(section, where) if section.endpoint else LocalBackend(section, where))
         self.calls = 0
         self.fallbacks = 0
 

@@ -6,26 +6,21 @@
         - {type: classifier, model: ..., weight: 1.0, normalize: true}
         - {type: rule, function: "llmtune.rewards.rules:length_penalty", weight: 0.5}
 
-Components with `normalize: true` are standardised with running statistics first (see
+Components with `normalize: true` are standardized with running statistics first (see
 `base.Normalized`), so sources on different scales can be weighted meaningfully.
 """
 
 from __future__ import annotations
 
-from llmtune.config.schema import RewardSection
-from llmtune.errors import ConfigError
-from llmtune.rewards import build_reward
-from llmtune.rewards.base import Message, check_pairs, reward_stats
+from llmtune.rewards.base import Message, RewardSource, check_pairs, reward_stats
 
 
 class MixReward:
-    """sum_i weight_i * score_i over the components."""
+    """sum_i weight_i * score_i over the components, given as (weight, type, source) built by
+    `build_reward`."""
 
-    def __init__(self, section: RewardSection, where: str = "reward"):
-        if not section.components:
-            raise ConfigError(f"{where}.components: a mix needs at least one component")
-        self.parts = [(c.weight, c.type, build_reward(c, f"{where}.components[{i}]"))
-                      for i, c in enumerate(section.components)]
+    def __init__(self, parts: list[tuple[float, str, RewardSource]]):
+        self.parts = parts
 
     def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
         check_pairs(prompts, responses)

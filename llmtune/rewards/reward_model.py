@@ -26,6 +26,7 @@ import torch
 from llmtune.config.schema import RewardSection
 from llmtune.data.templates import ChatTemplate, Message, encode_prompt_response, fit, token_ids
 from llmtune.errors import ConfigError, DataError
+from llmtune.modeling.batch import pad_batch, pad_ids
 from llmtune.registry.models import META_FILE, ModelSpec
 from llmtune.rewards.base import check_pairs
 
@@ -80,15 +81,9 @@ def split_pair(row: dict[str, Any]) -> tuple[list[Message], str, str]:
 
 def collate(encoded: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad encoded inputs into a batch (the score head reads the last non-pad token)."""
-    width = max(len(e["input_ids"]) for e in encoded)
-    batch: dict[str, torch.Tensor] = {
-        "input_ids": torch.tensor([e["input_ids"] + [pad_token_id] * (width - len(e["input_ids"])) for e in encoded]),
-        "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"]))
-                                        for e in encoded]),
-    }
+    batch = pad_batch([e["input_ids"] for e in encoded], pad_token_id)
     if "token_type_ids" in encoded[0]:
-        batch["token_type_ids"] = torch.tensor(
-            [e["token_type_ids"] + [0] * (width - len(e["token_type_ids"])) for e in encoded])
+        batch["token_type_ids"] = pad_ids([e["token_type_ids"] for e in encoded], 0)
     return batch
 
 
@@ -135,12 +130,9 @@ class RewardModelScorer:
     def __init__(self, section: RewardSection):
         from llmtune.modeling.load import load_for_inference
 
-        if not section.model:
-            raise ConfigError("reward.model: required for reward type 'reward_model' (an rm run directory or "
-                              "model path)")
         self.model, self.tok, self.spec = load_for_inference(section.model, head="classifier")
         self.template = ChatTemplate.get(self.spec.template)
-        self.kind = self.spec.kind or "causal"
+        self.kind = self.spec.kind
         limits = [section.max_length, trained_max_length(self.spec), self.spec.context_length]
         self.max_length = min(v for v in limits if v)
         self.batch_size = section.batch_size

@@ -12,38 +12,13 @@ only allow-listed modules are imported (`llmtune webui --rule-module`).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-from collections.abc import Callable
 from typing import Any
 
-from llmtune.config.confine import active
+from llmtune.config.checks.reward import import_function
 from llmtune.config.schema import RewardSection
-from llmtune.errors import ConfigError
 from llmtune.rewards.base import Message, RewardError, check_pairs
-
-
-def import_function(path: str, where: str) -> Callable[..., Any]:
-    """`package.module:function` → the callable; any failure is a ConfigError naming `where`."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{where}: expected 'package.module:function', got '{path}'")
-    policy = active()
-    if policy is not None:
-        policy.rule(path, where)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import module '{module_name}': {exc}") from None
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{where}: module '{module_name}' has no attribute '{attr}'")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"{where}: '{path}' is not callable")
-    return obj
 
 
 class RuleReward:
@@ -55,10 +30,6 @@ class RuleReward:
         self.kwargs = dict(section.kwargs)
         params = list(inspect.signature(self.fn).parameters)
         self.batched = bool(params) and params[0] == "prompts"
-        try:
-            inspect.signature(self.fn).bind(None, None, **self.kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"{where}.kwargs: {self.name} does not accept {self.kwargs}: {exc}") from None
 
     def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
         check_pairs(prompts, responses)

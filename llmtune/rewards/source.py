@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llmtune.config.checks.reward import check_reward
 from llmtune.config.schema import RewardSection
 from llmtune.errors import ConfigError
 
@@ -13,7 +14,16 @@ SOURCE_FORMS = ("a reward-model run dir or model directory, a YAML/JSON file wit
 
 
 def parse_source(source: str, flag: str = "--reward") -> RewardSection:
-    """SOURCE → a validated reward section (see SOURCE_FORMS)."""
+    """SOURCE → a reward section validated by the recipe schema's reward checks (see SOURCE_FORMS)."""
+    section = _section(source, flag)
+    errors: list[str] = []
+    check_reward(section, flag, errors)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return section
+
+
+def _section(source: str, flag: str) -> RewardSection:
     from llmtune.config.schema import parse
     from llmtune.registry.models import resolve_model
 

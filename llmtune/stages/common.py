@@ -15,6 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from llmtune.config.schema import DATASET_FIELDS, Recipe
+from llmtune.modeling.precision import on_this_machine
 from llmtune.registry.models import ModelSpec
 from llmtune.runs.rundir import RunDir, StopFlag, follow_umask
 
@@ -32,11 +33,7 @@ class Context:
 
 def precision_flags(recipe: Recipe) -> dict[str, bool]:
     """bf16/fp16 flags for TrainingArguments; CPU always trains in fp32."""
-    p = recipe.training.precision
-    if not torch.cuda.is_available():
-        return {"bf16": False, "fp16": False}
-    if p == "auto":
-        p = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    p = on_this_machine(recipe.training.precision)
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
 
 
@@ -266,10 +263,3 @@ def data_rows(recipe: Recipe, shape: str) -> tuple[list[dict[str, Any]], list[di
     d = recipe.data
     specs = [{k: getattr(s, k) for k in DATASET_FIELDS} for s in d.datasets or [d]]
     return load_mixture(specs, shape=shape, seed=recipe.training.seed, extra_registries=d.registry)
-
-
-def relpath(p: Path) -> str:
-    try:
-        return str(p.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(p)

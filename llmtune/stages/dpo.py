@@ -13,47 +13,19 @@ by `load_for_training`). Full fine-tuning needs a frozen second copy, since ever
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from llmtune.config.schema import Recipe
-from llmtune.data.templates import ChatTemplate, Message, fit, token_ids
+from llmtune.data.templates import ChatTemplate, fit_pair, reply_text, token_ids
 from llmtune.modeling.load import load_for_training
+from llmtune.modeling.reference import frozen_copy
 from llmtune.stages.common import Context, data_rows, finish, run_trainer, training_args
+from llmtune.stages.seq2seq_dpo import build_seq2seq_trainer
 
 SHAPE = "preference"
 # The metrics DPO reports (TRL's names; the seq2seq trainer uses the same ones).
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected")
-
-
-def lengths(recipe: Recipe) -> tuple[int, int]:
-    """(max_length, max_prompt_length): the whole pair budget and the prompt's share of it."""
-    max_length = recipe.data.max_length
-    return max_length, recipe.data.max_prompt_length or max_length // 2
-
-
-def fit_pair(prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int,
-             bos_id: int | None) -> tuple[list[int], list[list[int]]]:
-    """Trim the prompt from the left to max_prompt_length (keeping a leading BOS), then cut each
-    response from the right so prompt + response fits max_length. Both responses share the prompt,
-    so the part that differs (the responses) is what survives."""
-    prompt = fit(prompt, [], max_prompt_length, bos_id, min_prompt=max_prompt_length)[0]
-    room = max_length - len(prompt)
-    return prompt, [r[:room] for r in responses]
-
-
-def reply_text(template: ChatTemplate, reply: list[Message], bos: str, eos: str) -> str:
-    """A reply (usually one assistant message) rendered as the continuation of the generation
-    prompt, ending at EOS: the prompt already holds the assistant prefix, and nothing after EOS is
-    ever generated (the `plain` template's separator after EOS would otherwise be trained on)."""
-    text = "".join(t for t, _ in template.segments(reply, bos, eos))
-    prefix = template.assistant_prefix.format(bos=bos, eos=eos)
-    if prefix and text.startswith(prefix):
-        text = text[len(prefix):]
-    if eos and eos in text:
-        text = text[: text.rindex(eos) + len(eos)]
-    return text
 
 
 def adds_bos(tok: Any) -> bool:
@@ -81,14 +53,6 @@ def render_causal_pair(tok: Any, template: ChatTemplate, row: dict[str, Any], ma
     return {"prompt": out[0], "chosen": out[1], "rejected": out[2]}
 
 
-def frozen_copy(model: Any) -> Any:
-    """The reference for full fine-tuning: a second, frozen copy of the weights as they start."""
-    ref = copy.deepcopy(model)
-    ref.eval()
-    ref.requires_grad_(False)
-    return ref
-
-
 def trl_loss_type(recipe: Recipe) -> str:
     """TRL's name for our loss: the label-smoothed sigmoid loss is TRL's `robust` (rDPO)."""
     d = recipe.dpo
@@ -104,7 +68,7 @@ def build_causal_trainer(recipe: Recipe, ctx: Context, model: Any, tok: Any, tem
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    max_length, max_prompt_length = lengths(recipe)
+    max_length, max_prompt_length = recipe.data.max_length, recipe.data.prompt_length
     strip_bos = adds_bos(tok)
 
     def dataset(rows: list[dict[str, Any]]) -> Any:
@@ -134,8 +98,6 @@ def build_trainer(recipe: Recipe, ctx: Context) -> tuple[Any, Any, Any, dict[str
     model, tok, spec = load_for_training(recipe)
     template = ChatTemplate.get(spec.template)
     if spec.kind == "seq2seq":
-        from llmtune.stages.seq2seq_dpo import build_seq2seq_trainer
-
         trainer = build_seq2seq_trainer(recipe, ctx, model, tok, template, train_rows, eval_rows)
     else:
         trainer = build_causal_trainer(recipe, ctx, model, tok, template, train_rows, eval_rows)
@@ -156,4 +118,4 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     summary.update(counts)
     keys = [*REWARD_METRICS, "eval_loss", *(f"eval_{k}" for k in REWARD_METRICS)]
     summary.update(last_logged(trainer.state.log_history, keys))
-    return finish(trainer, tok, spec, recipe, ctx, spec.kind or "causal", summary)
+    return finish(trainer, tok, spec, recipe, ctx, spec.kind, summary)

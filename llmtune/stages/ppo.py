@@ -17,7 +17,6 @@ full fine-tuning it is a frozen copy. Everything runs under `accelerate` (one pr
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -37,10 +36,14 @@ from torch import nn
 from llmtune.config.schema import Recipe
 from llmtune.data.templates import ChatTemplate, Message
 from llmtune.errors import ConfigError
+from llmtune.modeling.batch import pad_ids
 from llmtune.modeling.load import load_for_training, save_model
+from llmtune.modeling.precision import accelerate_name, on_this_machine
+from llmtune.modeling.reference import disable_dropout, frozen_copy
 from llmtune.ppo import core
 from llmtune.ppo.rollout import Rollout, evaluate, reference_logprobs, sample
 from llmtune.ppo.value import ActorCritic, load_value_model
+from llmtune.rewards.base import RunningStats
 from llmtune.runs.rundir import follow_umask
 from llmtune.stages.common import Context, data_rows
 
@@ -54,40 +57,6 @@ SAMPLES_PER_WRITE = 8
 
 def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     return PPOTrainer(recipe, ctx).train()
-
-
-def check_sizes(recipe: Recipe) -> None:
-    """Batch-size combinations the loop needs (parse() only checks each key alone)."""
-    p, t = recipe.ppo, recipe.training
-    if p.rollout_batch_size % p.mini_batch_size:
-        raise ConfigError(f"ppo.mini_batch_size: {p.mini_batch_size} must divide ppo.rollout_batch_size "
-                          f"({p.rollout_batch_size})")
-    if p.mini_batch_size % t.gradient_accumulation_steps:
-        raise ConfigError(f"training.gradient_accumulation_steps: {t.gradient_accumulation_steps} must divide "
-                          f"ppo.mini_batch_size ({p.mini_batch_size})")
-    if t.optimizer not in ("adamw_torch", "adamw_torch_fused"):
-        raise ConfigError(f"training.optimizer: the PPO stage uses AdamW (adamw_torch or adamw_torch_fused), "
-                          f"got '{t.optimizer}'")
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """PPO's ratio must be 1 before the first update; dropout noise would make it random.
-
-    Covers nn.Dropout layers and the float rates attention code applies functionally (T5's
-    `self.dropout`, Llama's `attention_dropout`)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if "dropout" in name and isinstance(value, float):
-                setattr(module, name, 0.0)
-
-
-def mixed_precision(recipe: Recipe) -> str:
-    from llmtune.stages.common import precision_flags
-
-    flags = precision_flags(recipe)
-    return "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
 
 
 def load_reward(recipe: Recipe) -> Any:
@@ -106,31 +75,25 @@ class PPOTrainer:
         from accelerate import Accelerator
         from transformers import get_scheduler
 
-        check_sizes(recipe)
         self.recipe, self.ctx, self.p, self.t = recipe, ctx, recipe.ppo, recipe.training
-        self.accelerator = Accelerator(mixed_precision=mixed_precision(recipe), cpu=not torch.cuda.is_available())
+        precision = accelerate_name(on_this_machine(recipe.training.precision))
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         rows, _ = data_rows(recipe, SHAPE)
         self.prompts: list[list[Message]] = [r["prompt"] for r in rows]
         if not self.prompts:
             raise ConfigError("data: no prompts to train on")
         policy, self.tok, self.spec = load_for_training(recipe)
-        self.kind = self.spec.kind or "causal"
+        self.kind = self.spec.kind
         self.template = ChatTemplate.get(self.spec.template)
         self.lora = recipe.model.finetuning in ("lora", "qlora")
         value_model, score_head = None, None
-        if self.p.value_model == "separate":
-            if self.kind != "causal":
-                raise ConfigError("ppo.value_model: a separate value model is supported for causal policies; "
-                                  "use ppo.value_model: shared for seq2seq models")
+        if self.p.value_model == "separate":  # the schema checked there is a causal model to start from
             ref = self.p.value_model_path or (recipe.reward.model if recipe.reward else None)
-            if not ref:
-                raise ConfigError("ppo.value_model_path: required for ppo.value_model: separate when the reward "
-                                  "source has no model to initialise the value model from")
             value_model, score_head = load_value_model(ref, recipe, policy.get_input_embeddings().weight.shape[0])
         # Full fine-tuning needs a frozen copy for the KL term; LoRA switches its adapters off instead.
         self.reference: nn.Module | None = None
         if not self.lora:
-            self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+            self.reference = frozen_copy(policy)
             self.reference.to(self.accelerator.device)
         self.decoder_start = getattr(policy.config, "decoder_start_token_id", None)
         ac = ActorCritic(policy, self.kind, value_model, score_head)
@@ -149,9 +112,9 @@ class PPOTrainer:
         self.ac, self.optimizer = self.accelerator.prepare(ac, optimizer)
         self.kl_ctl = (core.AdaptiveKLController(self.p.kl_coef, self.p.target_kl, self.p.kl_horizon)
                        if self.p.adaptive_kl else core.FixedKLController(self.p.kl_coef))
-        self.reward_stats = core.RunningMoments()
+        self.reward_stats = RunningStats()
         self.step = 0
-        self.max_prompt_length = recipe.data.max_prompt_length or recipe.data.max_length // 2
+        self.max_prompt_length = recipe.data.prompt_length
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _num_steps(self) -> int:
@@ -198,7 +161,7 @@ class PPOTrainer:
         # Eval mode for sampling and scoring: with gradient checkpointing on, train mode would make
         # generate() drop its KV cache. Dropout is off either way (disable_dropout).
         model.eval()
-        bs = self.t.eval_batch_size or self.t.batch_size
+        bs = self.p.generation_batch_size
         chunks: list[Rollout] = []
         for i in range(0, len(prompts), bs):
             chunks.append(sample(model.policy, self.tok, self.template, self.kind, prompts[i:i + bs],
@@ -212,8 +175,7 @@ class PPOTrainer:
                                                          self.decoder_start)
                 parts.append(out)
         r = _concat_rollouts(chunks, self.tok.pad_token_id, left=self.kind != "seq2seq")
-        width = r.response_ids.shape[1]
-        tensors = {k: torch.cat([_pad_right(p[k], width) for p in parts]) for k in parts[0]}
+        tensors = {k: pad_ids([row for p in parts for row in p[k]], 0.0) for k in parts[0]}
         return r, tensors, raw
 
     def shape_scores(self, raw: list[float], r: Rollout) -> torch.Tensor:
@@ -222,7 +184,7 @@ class PPOTrainer:
         if self.p.missing_eos_penalty is not None:
             scores = scores - self.p.missing_eos_penalty * (~r.ended).float()
         if self.p.reward_normalize:
-            self.reward_stats.update(self.accelerator.gather(scores))
+            self.reward_stats.update(self.accelerator.gather(scores).tolist())
             scores = (scores - self.reward_stats.mean) / self.reward_stats.std
         if self.p.reward_clip is not None:
             scores = scores.clamp(-self.p.reward_clip, self.p.reward_clip)
@@ -409,27 +371,21 @@ class PPOTrainer:
         log.info("resuming from %s (step %d)", last, self.step)
 
 
-def _pad_right(x: torch.Tensor, width: int, value: float = 0.0) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
-
-
 def _concat_rollouts(chunks: list[Rollout], pad_id: int, left: bool) -> Rollout:
     """One Rollout from generation chunks of different widths (causal queries re-padded on the left)."""
     if len(chunks) == 1:
         return chunks[0]
-    qw = max(c.query_ids.shape[1] for c in chunks)
-    rw = max(c.response_ids.shape[1] for c in chunks)
 
-    def pad_q(x: torch.Tensor, value: int) -> torch.Tensor:
-        amount = qw - x.shape[1]
-        return torch.nn.functional.pad(x, (amount, 0) if left else (0, amount), value=value)
+    def rows(name: str) -> list[torch.Tensor]:
+        return [row for c in chunks for row in getattr(c, name)]
 
+    side = "left" if left else "right"
     return Rollout(
         [p for c in chunks for p in c.prompts],
-        torch.cat([pad_q(c.query_ids, pad_id) for c in chunks]),
-        torch.cat([pad_q(c.query_mask, 0) for c in chunks]),
-        torch.cat([_pad_right(c.response_ids, rw, pad_id) for c in chunks]).long(),
-        torch.cat([_pad_right(c.response_mask, rw) for c in chunks]).long(),
+        pad_ids(rows("query_ids"), pad_id, side),
+        pad_ids(rows("query_mask"), 0, side),
+        pad_ids(rows("response_ids"), pad_id).long(),
+        pad_ids(rows("response_mask"), 0).long(),
         [t for c in chunks for t in c.texts],
         torch.cat([c.ended for c in chunks]),
     )

@@ -38,7 +38,7 @@ COLUMNS = {"input_ids": "ids", "token_type_ids": "token_type_ids"}
 
 
 @dataclass
-class PairCollator:
+class RewardPairCollator:
     """Chosen inputs then rejected inputs in one right-padded batch (RewardTrainer splits it in two)."""
 
     pad_token_id: int
@@ -71,7 +71,7 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     train_rows, eval_rows = data_rows(recipe, SHAPE)
     model, tok, spec = load_for_training(recipe, head="classifier")
     template = ChatTemplate.get(spec.template)
-    kind = spec.kind or "causal"
+    kind = spec.kind
     max_len = recipe.data.max_length
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     args = training_args(recipe, ctx, RewardConfig, eval_ds is not None, max_length=None,
                          center_rewards_coefficient=recipe.rm.center_rewards, dataset_num_proc=None)
     trainer = PairwiseRewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                    processing_class=tok, data_collator=PairCollator(tok.pad_token_id),
+                                    processing_class=tok, data_collator=RewardPairCollator(tok.pad_token_id),
                                     compute_metrics=compute_metrics if eval_ds is not None else None)
     summary = run_trainer(trainer, ctx)
     summary.update(train_rows=len(train_rows), eval_rows=len(eval_rows))

@@ -40,7 +40,8 @@ from llmtune.modeling.generate import generate
 from llmtune.modeling.load import device, load_for_training, save_model
 from llmtune.rewards import RewardSource, build_reward, reward_stats
 from llmtune.runs.rundir import RunDir
-from llmtune.stages.common import Context, data_rows, run_trainer, to_dataset, training_args
+from llmtune.stages.common import Context, data_rows, run_trainer, to_dataset
+from llmtune.stages.sft import sft_trainer
 
 log = logging.getLogger("llmtune.rs")
 
@@ -53,16 +54,15 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     if not ctx.resume and root.exists() and any(root.iterdir()):
         raise ConfigError(f"output_dir: {ctx.run.path} already holds rejection-sampling rounds; pass --resume "
                           "to continue them or choose another --output-dir")
-    if recipe.reward is None:
-        raise ConfigError("reward: stage rs needs a reward source")
     train_rows, _ = data_rows(recipe, SHAPE)
     prompts = [row["prompt"] for row in train_rows]
     if not prompts:
         raise DataError("data: no prompts to sample from")
-    reward = build_reward(recipe.reward)  # before the policy: a bad reward fails fast
+    assert recipe.reward is not None  # the schema requires a reward source for stage rs
+    reward = build_reward(recipe.reward)  # before the policy: a reward that cannot load fails fast
     model, tok, spec = load_for_training(recipe)
     template = ChatTemplate.get(spec.template)
-    kind = spec.kind or "causal"
+    kind = spec.kind
 
     rounds = [Round(root, k) for k in range(1, rs.iterations + 1)]
     finished = [r for r in rounds if r.done]
@@ -185,8 +185,8 @@ def sample(model: Any, tok: Any, template: ChatTemplate, kind: str, prompts: lis
            reward: RewardSource, recipe: Recipe, ctx: Context, rd: Round) -> list[dict[str, Any]]:
     """num_samples responses per prompt, scored, appended to samples.jsonl batch by batch."""
     n = recipe.rs.num_samples
-    batch = recipe.training.eval_batch_size or recipe.training.batch_size
-    max_prompt = recipe.data.max_prompt_length or recipe.data.max_length // 2
+    batch = recipe.rs.generation_batch_size
+    max_prompt = recipe.data.prompt_length
     rows = rd.read_samples()[: len(prompts)]
     for start in range(len(rows), len(prompts), batch):
         if ctx.stop:
@@ -230,17 +230,7 @@ def fine_tune(model: Any, tok: Any, template: ChatTemplate, kind: str, kept: lis
         return {"input_ids": enc["input_ids"], "labels": enc["labels"]}
 
     dataset = to_dataset(kept, encode, "tokenising kept samples")
-    if kind == "seq2seq":
-        from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
-
-        args = training_args(recipe, ctx, Seq2SeqTrainingArguments, False)
-        trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                                 data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100))
-    else:
-        from trl import SFTConfig, SFTTrainer
-
-        args = training_args(recipe, ctx, SFTConfig, False, max_length=max_len, packing=False, dataset_num_proc=None)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+    trainer = sft_trainer(recipe, ctx, model, tok, kind, dataset, None)
     result = run_trainer(trainer, ctx)
     del trainer
     if torch.cuda.is_available():

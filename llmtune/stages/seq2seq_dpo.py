@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from llmtune.config.schema import Recipe
-from llmtune.data.templates import IGNORE, ChatTemplate, token_ids
+from llmtune.data.templates import IGNORE, ChatTemplate, fit_pair, reply_text, token_ids
+from llmtune.modeling.batch import pad_batch, pad_ids
+from llmtune.modeling.reference import disable_dropout, frozen_copy
 from llmtune.stages.common import Context, to_dataset, training_args
-from llmtune.stages.dpo import fit_pair, frozen_copy, lengths, reply_text
 
 
 def encode_seq2seq_pair(tok: Any, template: ChatTemplate, row: dict[str, Any], max_length: int,
@@ -41,21 +42,16 @@ def encode_seq2seq_pair(tok: Any, template: ChatTemplate, row: dict[str, Any], m
 
 
 @dataclass
-class PairCollator:
+class Seq2SeqPairCollator:
     """Pads a batch of encoded pairs: encoder inputs with pad, both label sets to one width with -100
     (so chosen and rejected run as one stacked decoder batch)."""
 
     pad_token_id: int
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-            width = max(len(s) for s in seqs)
-            return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
-
-        labels = pad([r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows], IGNORE)
+        labels = pad_ids([r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows], IGNORE)
         chosen, rejected = labels.chunk(2)
-        return {"input_ids": pad([r["input_ids"] for r in rows], self.pad_token_id),
-                "attention_mask": pad([[1] * len(r["input_ids"]) for r in rows], 0),
+        return {**pad_batch([r["input_ids"] for r in rows], self.pad_token_id),
                 "chosen_labels": chosen, "rejected_labels": rejected}
 
 
@@ -93,18 +89,6 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     if loss_type == "hinge":
         return torch.relu(1 - beta * delta)
     raise ValueError(f"unknown DPO loss_type {loss_type!r}")
-
-
-def disable_dropout(model: Any) -> None:
-    """Dropout off, as TRL does: policy and reference log-probs must be comparable, and the reference
-    forward runs while the model is in train mode. Besides nn.Dropout modules this zeroes the float
-    rates attention layers keep for their functional dropout (T5Attention.dropout)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name in ("dropout", "attention_dropout"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
 
 
 class Seq2SeqDPOTrainer(Trainer):
@@ -187,7 +171,7 @@ def build_seq2seq_trainer(recipe: Recipe, ctx: Context, model: Any, tok: Any, te
     """The seq2seq DPO trainer for a recipe: LoRA → adapters disabled as reference; full → a copy."""
     from peft import PeftModel
 
-    max_length, max_prompt_length = lengths(recipe)
+    max_length, max_prompt_length = recipe.data.max_length, recipe.data.prompt_length
 
     def encode(row: dict[str, Any]) -> dict[str, list[int]]:
         return encode_seq2seq_pair(tok, template, row, max_length, max_prompt_length)
@@ -200,5 +184,5 @@ def build_seq2seq_trainer(recipe: Recipe, ctx: Context, model: Any, tok: Any, te
     d = recipe.dpo
     return Seq2SeqDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
                              eval_dataset=eval_ds, processing_class=tok,
-                             data_collator=PairCollator(tok.pad_token_id), beta=d.beta, loss_type=d.loss_type,
+                             data_collator=Seq2SeqPairCollator(tok.pad_token_id), beta=d.beta, loss_type=d.loss_type,
                              label_smoothing=d.label_smoothing)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmtune.config.schema import Recipe
-from llmtune.data.templates import ChatTemplate, encode_sft_causal, encode_sft_seq2seq
+from llmtune.data.templates import IGNORE, ChatTemplate, encode_sft_causal, encode_sft_seq2seq
 from llmtune.modeling.load import load_for_training
 from llmtune.stages.common import Context, data_rows, finish, run_trainer, to_dataset, training_args
 
@@ -22,36 +22,35 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     train_rows, eval_rows = data_rows(recipe, SHAPE)
     model, tok, spec = load_for_training(recipe)
     template = ChatTemplate.get(spec.template)
-    max_len = recipe.data.max_length
+    encode_messages = encode_sft_seq2seq if spec.kind == "seq2seq" else encode_sft_causal
 
-    if spec.kind == "seq2seq":
-        from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        return encode_messages(tok, template, row["messages"], recipe.data.max_length)
 
-        def encode(row: dict[str, Any]) -> dict[str, Any]:
-            return encode_sft_seq2seq(tok, template, row["messages"], max_len)
-
-        train_ds = to_dataset(train_rows, encode, "tokenising train")
-        eval_ds = to_dataset(eval_rows, encode, "tokenising eval") if eval_rows else None
-        args = training_args(recipe, ctx, Seq2SeqTrainingArguments, eval_ds is not None)
-        trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                 processing_class=tok,
-                                 data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100))
-    else:
-        from trl import SFTConfig, SFTTrainer
-
-        def encode(row: dict[str, Any]) -> dict[str, Any]:
-            return encode_sft_causal(tok, template, row["messages"], max_len)
-
-        train_ds = to_dataset(train_rows, encode, "tokenising train")
-        eval_ds = to_dataset(eval_rows, encode, "tokenising eval") if eval_rows else None
-        args = training_args(recipe, ctx, SFTConfig, eval_ds is not None, max_length=max_len, packing=False,
-                             dataset_num_proc=None)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tok)
-
+    train_ds = to_dataset(train_rows, encode, "tokenising train")
+    eval_ds = to_dataset(eval_rows, encode, "tokenising eval") if eval_rows else None
+    trainer = sft_trainer(recipe, ctx, model, tok, spec.kind, train_ds, eval_ds)
     summary = run_trainer(trainer, ctx)
     summary.update(train_rows=len(train_rows), eval_rows=len(eval_rows))
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     if evals:
         summary["eval_loss"] = evals[-1]
-    return finish(trainer, tok, spec, recipe, ctx, spec.kind or "causal", summary)
+    return finish(trainer, tok, spec, recipe, ctx, spec.kind, summary)
+
+
+def sft_trainer(recipe: Recipe, ctx: Context, model: Any, tok: Any, kind: str, train_ds: Any,
+                eval_ds: Any | None) -> Any:
+    """The supervised trainer for tokenised rows (input_ids + labels), also used by each rs round:
+    TRL's SFTTrainer for causal LMs, transformers' Seq2SeqTrainer for encoder-decoders."""
+    if kind == "seq2seq":
+        from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+        args = training_args(recipe, ctx, Seq2SeqTrainingArguments, eval_ds is not None)
+        return Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                              processing_class=tok,
+                              data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=IGNORE))
+    from trl import SFTConfig, SFTTrainer
+
+    args = training_args(recipe, ctx, SFTConfig, eval_ds is not None, max_length=recipe.data.max_length,
+                         packing=False, dataset_num_proc=None)
+    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok)
