@@ -46,7 +46,10 @@ class LoraSection:
 
 @dataclass
 class ModelSection:
-    name: str = _f(REQUIRED, doc="Model registry name (`llmtune models`), hub id, or local directory.")
+    name: str = _f(REQUIRED, doc="Model registry name (`llmtune models`), hub id, local directory, run directory, "
+                   "or a .gguf file (converted once into $LLMTUNE_HOME/models).")
+    gguf_file: str | None = _f(None, doc="A GGUF file inside the directory model.name names (instead of naming the "
+                               ".gguf file itself).")
     finetuning: Literal["lora", "qlora", "full"] = _f(
         "lora", doc="lora: adapters on a frozen base; qlora: adapters on a 4-bit base (CUDA); full: all weights.")
     lora: LoraSection = _f(doc="LoRA adapter settings (lora and qlora).", factory=LoraSection)
@@ -205,6 +208,14 @@ class PpoSection:
 
 
 @dataclass
+class AnswersSection:
+    prompts: list[str] = _f(doc="stages sft and dpo: questions (single user turns) the model answers greedily before "
+                            "and after training; printed, and saved to answers.jsonl in the run directory.",
+                            factory=list)
+    max_new_tokens: int = _f(96, doc="Answer length limit in tokens.", ge=1)
+
+
+@dataclass
 class DistributedSection:
     strategy: Literal["none", "ddp", "deepspeed"] = _f("none", doc="Multi-process strategy.")
     num_processes: int = _f(1, doc="Processes per node (usually GPUs per node).", ge=1)
@@ -235,6 +246,8 @@ class Recipe:
     dpo: DpoSection = _f(doc="DPO stage settings.", factory=DpoSection)
     rs: RsSection = _f(doc="Rejection-sampling stage settings.", factory=RsSection)
     ppo: PpoSection = _f(doc="PPO stage settings.", factory=PpoSection)
+    answers: AnswersSection = _f(doc="Answers to show before and after training (what tuning changed).",
+                                 factory=AnswersSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -407,9 +420,12 @@ def check(recipe: Recipe, source: str = "recipe", base_dir: Path | None = None,
     spec = None
     try:
         if recipe.model.name not in pending:
-            spec = resolve_model(recipe.model.name, template=recipe.model.template)
+            spec = resolve_model(recipe.model.name, template=recipe.model.template, gguf_file=recipe.model.gguf_file)
     except ConfigError as exc:
         errors.append(f"model.name: {exc}")
+    _check_gguf_file(recipe.model, errors)
+    _check_ppo_strategy(recipe, errors)
+    _check_answers(recipe, errors)
 
     if device_checks and recipe.model.finetuning == "qlora" and not cuda_present():
         errors.append("model.finetuning: qlora needs a CUDA GPU (bitsandbytes 4-bit); none is visible here. "
@@ -495,6 +511,30 @@ def check(recipe: Recipe, source: str = "recipe", base_dir: Path | None = None,
     if errors:
         raise ConfigError(_format(source, errors))
     return recipe
+
+
+def _check_gguf_file(m: ModelSection, errors: list[str]) -> None:
+    if m.gguf_file and not Path(m.name).expanduser().is_dir():
+        errors.append(f"model.gguf_file: names a file inside the directory model.name, but '{m.name}' is not a "
+                      "local directory (give the .gguf path as model.name instead)")
+
+
+def _check_ppo_strategy(recipe: Recipe, errors: list[str]) -> None:
+    """PPO is our own accelerate loop: its checkpoints and final save read full parameters and do not
+    gather ZeRO-partitioned ones (ZeRO-3 would save empty weights), so DeepSpeed is refused."""
+    if recipe.stage == "ppo" and recipe.distributed.strategy == "deepspeed":
+        errors.append("distributed.strategy: stage ppo does not support deepspeed (its checkpoints and final model "
+                      "would not gather ZeRO-partitioned weights); use strategy: ddp, with finetuning: lora or qlora "
+                      "to fit large models")
+
+
+def _check_answers(recipe: Recipe, errors: list[str]) -> None:
+    if not recipe.answers.prompts:
+        return
+    if recipe.stage not in ("sft", "dpo"):
+        errors.append(f"answers.prompts: shown by stages sft and dpo, not '{recipe.stage}'")
+    if recipe.distributed.strategy == "deepspeed" and recipe.distributed.zero_stage == 3:
+        errors.append("answers.prompts: not with ZeRO-3 (rank 0 alone cannot generate from sharded weights)")
 
 
 def _check_reward(r: RewardSection, where: str, errors: list[str], pending: frozenset[str] = frozenset()) -> None:

@@ -324,7 +324,8 @@ def make_plan(recipe: Recipe, gpu_memory_gb: float | None = None, gpus: list[flo
     earlier stage's run, not trained yet, has that stage's model's shape)."""
     d, t = recipe.distributed, recipe.training
     world = d.num_processes * d.num_nodes
-    spec = resolve_model(model_name or recipe.model.name, template=recipe.model.template)
+    spec = resolve_model(model_name or recipe.model.name, template=recipe.model.template,
+                         gguf_file=None if model_name else recipe.model.gguf_file)
     config, config_source = model_config(spec)
     shape = shape_from_config(config)
     gpus = gpus_present() if gpus is None else gpus

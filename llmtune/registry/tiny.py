@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from llmtune.registry.store import install, models_root
 
 TOKENIZER_DIR = Path(__file__).with_name("tokenizer")
 MARKER_FILE = "llmtune_tiny.json"
@@ -79,10 +79,8 @@ def is_tiny(name: str) -> bool:
 
 
 def default_root() -> Path:
-    """Where materialized tiny models live: `$LLMTUNE_HOME/models` or `~/.cache/llmtune/models`."""
-    home = os.environ.get("LLMTUNE_HOME")
-    base = Path(home).expanduser() if home else Path.home() / ".cache" / "llmtune"
-    return base / "models"
+    """Where materialized tiny models live: the model store (`$LLMTUNE_HOME/models`)."""
+    return models_root()
 
 
 def _fingerprint(name: str) -> str:
@@ -93,15 +91,6 @@ def _fingerprint(name: str) -> str:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
-
-
-def _is_complete(path: Path, name: str, fingerprint: str) -> bool:
-    """A build is complete iff its marker (written last, before the atomic rename) matches."""
-    try:
-        marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return marker.get("llmtune_tiny") == name and marker.get("fingerprint") == fingerprint
 
 
 def _token_ids() -> tuple[int, dict[str, int]]:
@@ -151,45 +140,12 @@ def _build(name: str, dest: Path) -> None:
 def materialize(name: str, root: Path | None = None) -> Path:
     """Build tiny model `name` under `root / name` once and return that directory.
 
-    Later calls only check the marker (no torch import). The build goes to a temp dir in
-    the same parent and is moved in with `os.replace`, so a crash never leaves a half
-    model behind and two racing processes both end up with one complete copy.
-    """
+    Later calls only check the marker (no torch import); see `store.install` for the atomic build."""
     if name not in TINY_MODELS:
         from llmtune.errors import ConfigError, hint
 
         raise ConfigError(f"unknown tiny model '{name}'{hint(name, TINY_MODELS)}")
     root = Path(root).expanduser() if root is not None else default_root()
-    dest = root / name
-    fingerprint = _fingerprint(name)
-    if _is_complete(dest, name, fingerprint):
-        return dest
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache may be shared between users
-        _build(name, tmp)
-        marker = {
-            "llmtune_tiny": name,
-            "fingerprint": fingerprint,
-            "architecture": TINY_MODELS[name]["architecture"],
-        }
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        if dest.exists() and not _is_complete(dest, name, fingerprint):
-            # Stale or partial: move it aside first (os.replace cannot overwrite a non-empty dir).
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
-            try:
-                os.replace(dest, old / name)
-            except FileNotFoundError:
-                pass  # another process moved it already
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            # Lost a race: another process installed its (identical) build first.
-            if not _is_complete(dest, name, fingerprint):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    marker = {"llmtune_tiny": name, "fingerprint": _fingerprint(name),
+              "architecture": TINY_MODELS[name]["architecture"]}
+    return install(root / name, MARKER_FILE, marker, lambda tmp: _build(name, tmp))

@@ -80,7 +80,7 @@ def _export_merged(spec: ModelSpec, head: str, out: Path) -> dict[str, Any]:
 def _export_adapter(spec: ModelSpec, src: Path, head: str, out: Path) -> dict[str, Any]:
     assert spec.base is not None
     shutil.copytree(src, out, dirs_exist_ok=True)
-    base = spec.base.location()
+    base = spec.base.hub_ref()  # portable: never a path into this machine's model store
     cfg_path = out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = base

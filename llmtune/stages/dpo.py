@@ -19,7 +19,7 @@ from typing import Any
 from llmtune.config.schema import Recipe
 from llmtune.data.templates import ChatTemplate, Message, fit, token_ids
 from llmtune.modeling.load import load_for_training
-from llmtune.stages.common import Context, data_rows, finish, run_trainer, training_args
+from llmtune.stages.common import Context, data_rows, finish, run_trainer, show_answers, training_args
 
 SHAPE = "preference"
 # The metrics DPO reports (TRL's names; the seq2seq trainer uses the same ones).
@@ -152,6 +152,8 @@ def last_logged(history: list[dict[str, Any]], keys: tuple[str, ...] | list[str]
 
 def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     trainer, tok, spec, counts = build_trainer(recipe, ctx)
+    if not ctx.resume:
+        show_answers(trainer.model, tok, spec, recipe, ctx, "before")
     summary = run_trainer(trainer, ctx)
     summary.update(counts)
     keys = [*REWARD_METRICS, "eval_loss", *(f"eval_{k}" for k in REWARD_METRICS)]

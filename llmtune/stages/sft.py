@@ -13,7 +13,15 @@ from typing import Any
 from llmtune.config.schema import Recipe
 from llmtune.data.templates import ChatTemplate, encode_sft_causal, encode_sft_seq2seq
 from llmtune.modeling.load import load_for_training
-from llmtune.stages.common import Context, data_rows, finish, run_trainer, to_dataset, training_args
+from llmtune.stages.common import (
+    Context,
+    data_rows,
+    finish,
+    run_trainer,
+    show_answers,
+    to_dataset,
+    training_args,
+)
 
 SHAPE = "sft"
 
@@ -49,6 +57,8 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tok)
 
+    if not ctx.resume:
+        show_answers(trainer.model, tok, spec, recipe, ctx, "before")
     summary = run_trainer(trainer, ctx)
     summary.update(train_rows=len(train_rows), eval_rows=len(eval_rows))
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
