@@ -47,8 +47,12 @@ def test_sft_trains_saves_reloads_and_generates(tmp_path: Path, model: str, fine
     if finetuning == "lora":
         from peft import PeftModel
 
-        base_path = json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"]
-        loaded = PeftModel.from_pretrained(auto.from_pretrained(base_path), saved)
+        from llmtune.registry.tiny import materialize
+
+        # The adapter names its base portably (the registry name), not by this machine's model store.
+        base = json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert base == model and os.environ["LLMTUNE_HOME"] not in (saved / "README.md").read_text()
+        loaded = PeftModel.from_pretrained(auto.from_pretrained(materialize(base)), saved)
     else:
         loaded = auto.from_pretrained(saved)
     tok = AutoTokenizer.from_pretrained(saved)

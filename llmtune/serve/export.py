@@ -133,6 +133,9 @@ base = {cls}.{load}("{base}"{", num_labels=1" if head == "classifier" else ""})
 model = PeftModel.from_pretrained(base, "{out}")
 model = model.merge_and_unload()  # optional: fold the adapter into the weights
 ```
+
+`{base}` is a hub id, an llmtune registry name or a file, so this directory works on any machine; for a
+registry name, `llmtune models fetch {base}` prints the local directory to load instead.
 {chain_note}
 Or get a merged standalone model directly: `llmtune export RUN_DIR --out DIR --merge`.
 """
