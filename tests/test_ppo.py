@@ -188,6 +188,24 @@ def test_rollouts_stop_at_stop_strings_and_end_tokens_and_mask_there(model: str)
     assert not cut.ended[0]
 
 
+def test_deepspeed_is_refused_for_ppo_by_validate_and_plan(tmp_path: Path) -> None:
+    """PPO's checkpoints and final save do not gather ZeRO-partitioned weights (ZeRO-3 would save empty
+    ones): the recipe is refused up front, naming distributed.strategy, also when planned for GPUs."""
+    from llmtune.config.schema import check, parse
+
+    data = small_recipe("tiny-llama", "lora")
+    data["distributed"] = {"strategy": "deepspeed", "num_processes": 2, "zero_stage": 3}
+    with pytest.raises(ConfigError, match="distributed.strategy: stage ppo does not support deepspeed"):
+        check(parse(data), device_checks=False)
+    path = tmp_path / "ppo-ds.yaml"
+    path.write_text(yaml.safe_dump(data))
+    plan = run_cli("plan", str(path), "--gpu-memory", "80")
+    assert plan.returncode == 2 and "stage ppo does not support deepspeed" in plan.stderr
+    assert "Traceback" not in plan.stderr
+    data["distributed"] = {"strategy": "ddp", "num_processes": 2}
+    check(parse(data), device_checks=False)  # ddp is the way to scale PPO out
+
+
 def test_batch_size_errors_name_the_key(tmp_path: Path) -> None:
     data = small_recipe("tiny-llama", "lora", mini_batch_size=3)
     with pytest.raises(ConfigError, match=r"ppo.mini_batch_size: 3 must divide ppo.rollout_batch_size \(4\)"):

@@ -23,7 +23,7 @@ from llmtune.errors import ConfigError, hint
 REGISTRY_FILE = Path(__file__).with_name("models.yaml")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet",
-                 "albert", "modernbert"}
+                 "albert", "modernbert", "llmtune-mean-pooled"}
 # Written next to every model llmtune saves, so run outputs reload with their kind and template.
 META_FILE = "llmtune.json"
 

@@ -36,7 +36,7 @@ def _head(spec: ModelSpec) -> str:
 
 
 def _loader(head: str, pooling: str | None) -> tuple[str, str, str]:
-    """(import line, class, load method) that rebuilds this kind of model outside llmtune."""
+    """(import line, class, load method) that rebuilds this kind of model's base outside llmtune."""
     if head == "classifier" and pooling == "mean":  # our mean-pooled reward head (modeling/pooling.py)
         return "from llmtune.modeling.pooling import MeanPooledClassifier", "MeanPooledClassifier", "load"
     return f"from transformers import {AUTO[head]}", AUTO[head], "from_pretrained"
@@ -92,19 +92,20 @@ def _export_adapter(spec: ModelSpec, src: Path, head: str, out: Path) -> dict[st
 
 
 def _readme_merged(head: str, pooling: str | None, out: Path) -> str:
-    imp, cls, load = _loader(head, pooling)
-    how = "llmtune's mean-pooled reward head (a transformers PreTrainedModel)" if cls == "MeanPooledClassifier" \
+    # A mean-pooled reward model carries its modelling code (pooling.py, auto_map): plain transformers
+    # loads it with trust_remote_code=True and refuses it without.
+    remote = head == "classifier" and pooling == "mean"
+    how = "plain transformers (its mean-pooled reward head ships as pooling.py: trust_remote_code=True)" if remote \
         else "plain transformers"
     return f"""# Exported llmtune model
 
 A standalone model (LoRA adapters, if any, merged into the weights). Load it with {how}:
 
 ```python
-from transformers import AutoTokenizer
-{imp}
+from transformers import AutoTokenizer, {AUTO[head]}
 
 tok = AutoTokenizer.from_pretrained("{out}")
-model = {cls}.{load}("{out}")
+model = {AUTO[head]}.from_pretrained("{out}"{", trust_remote_code=True" if remote else ""})
 ```
 
 The tokenizer carries the chat template the model was trained with, so
