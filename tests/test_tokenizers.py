@@ -122,3 +122,63 @@ def test_llama2_ppo_rollout_prompt_and_response_mask(llama2: Path) -> None:
     ids = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9]])  # EOS, then padding that is also EOS
     mask, ended = response_mask(ids, tok.eos_token_id)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]] and ended.tolist() == [True, False]
+
+
+def test_gptj_twin_has_gptjs_tokenizer_conventions() -> None:
+    """GPT-2 byte BPE, no pad token, <|endoftext|> as BOS = EOS, 50,400 embedding rows > 50,257 tokens;
+    and what that means for training: EOS doubles as padding, yet the answer's EOS is still learned."""
+    from transformers import AutoTokenizer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from llmtune.registry.tiny import materialize
+
+    shipped = AutoTokenizer.from_pretrained(materialize("tiny-gptj"))
+    assert len(shipped) == 50257 and shipped.pad_token is None
+    assert shipped.bos_token == shipped.eos_token == shipped.unk_token == "<|endoftext|>"
+    assert shipped.eos_token_id == 50256 and shipped.backend_tokenizer.model.__class__.__name__ == "BPE"
+    text = "Straße, naïve café: 東京 😀\n\nHuman: tabs\tand spaces  "
+    assert shipped.decode(shipped(text)["input_ids"]) == text  # bytes: every text round-trips, no UNK
+
+    model, tok, _ = load_for_inference("tiny-gptj")
+    assert model.get_input_embeddings().weight.shape[0] == 50400 > len(tok)
+    assert tok.pad_token_id == tok.eos_token_id == 50256  # llmtune's loader: EOS stands in for padding
+    assert tok.decode([50300, 50399]) == ""  # rows the tokenizer never produces decode to nothing
+
+    template = ChatTemplate.get("hh")
+    rows = [encode_sft_causal(tok, template, [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                              64) for q, a in (("Hi", "Hello there."), ("What is the capital of France?", "Paris."))]
+    assert all(r["labels"][-1] == 50256 and r["input_ids"].count(50256) == 1 for r in rows)
+    batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(rows)
+    short = batch["labels"][0].tolist()
+    n = len(rows[0]["input_ids"])
+    assert short[n - 1] == 50256 and set(short[n:]) == {-100}  # the EOS learned, the padding after it not
+    assert set(batch["input_ids"][0, n:].tolist()) == {50256}
+
+
+def test_flan_t5_twin_has_t5s_tokenizer_conventions() -> None:
+    """SentencePiece (unigram, "▁" word starts), pad = 0 = the decoder start, EOS = 1 appended by the
+    tokenizer, no BOS; llmtune's encoder inputs end with that EOS as T5's always did, once."""
+    from llmtune.data.templates import encode_prompt_response
+    from llmtune.modeling.generate import batch_prompts
+
+    model, tok, spec = load_for_inference("tiny-t5")
+    assert tok.backend_tokenizer.model.__class__.__name__ == "Unigram"
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token) == (0, 1, 2, None)
+    assert model.config.decoder_start_token_id == model.config.pad_token_id == 0
+    ids = tok("What is the capital of France?")["input_ids"]
+    assert ids[-1] == 1 and ids.count(1) == 1  # the tokenizer appends EOS itself
+    assert tok.convert_ids_to_tokens(ids)[0].startswith("▁")
+
+    template = ChatTemplate.get(spec.template)
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    enc = encode_prompt_response(tok, template, prompt, "Paris.", 64, "seq2seq")
+    assert enc["input_ids"][-1] == 1 and enc["input_ids"].count(1) == 1
+    assert enc["labels"][-1] == 1 and enc["labels"].count(1) == 1 and 0 not in enc["labels"]
+    long = encode_prompt_response(tok, template, [{"role": "user", "content": "tell me more " * 40}], "No.", 24,
+                                  "seq2seq")
+    assert len(long["input_ids"]) <= 24 and long["input_ids"][-1] == 1  # trimmed from the left, EOS kept
+    batch = batch_prompts(tok, template, [prompt, [{"role": "user", "content": "Hi"}]], 64, "seq2seq",
+                          torch.device("cpu"))
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert [batch["input_ids"][i, n - 1].item() for i, n in enumerate(lengths)] == [1, 1]  # right-padded, EOS last
+    assert batch["input_ids"][0, :lengths[0]].tolist() == enc["input_ids"]

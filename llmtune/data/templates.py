@@ -158,6 +158,19 @@ def token_ids(tok: Any, text: str) -> list[int]:
     return encode_pieces(tok, [(text, False)])[0] if text else []
 
 
+def appends_eos(tok: Any) -> bool:
+    """Whether the tokenizer ends every encoding with EOS itself, as T5's does."""
+    eos = tok.eos_token_id
+    return eos is not None and tok("a")["input_ids"][-1:] == [eos] != tok("a", add_special_tokens=False)[
+        "input_ids"][-1:]
+
+
+def encoder_ids(tok: Any, text: str) -> list[int]:
+    """An encoder-decoder's encoder input: the text's tokens plus the EOS its tokenizer appends (Flan-T5
+    was trained on inputs ending in </s>)."""
+    return token_ids(tok, text) + ([tok.eos_token_id] if appends_eos(tok) else [])
+
+
 def fit(prompt: list[int], response: list[int], max_length: int, bos_id: int | None = None,
         min_prompt: int | None = None) -> tuple[list[int], list[int]]:
     """Trim the prompt from the left (keeping a leading BOS) so prompt+response fits max_length.
@@ -201,7 +214,7 @@ def encode_prompt_response(tok: Any, template: ChatTemplate, prompt: list[Messag
     response; seq2seq → encoder input_ids and decoder labels. History trimmed from the left."""
     bos, eos = _special(tok)
     if kind == "seq2seq":
-        src = token_ids(tok, template.render_prompt(prompt, bos, eos))
+        src = encoder_ids(tok, template.render_prompt(prompt, bos, eos))
         tgt = token_ids(tok, response) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
         tgt = tgt[: max(1, max_length // 2)] if len(tgt) > max_length // 2 and len(src) > max_length // 2 else tgt
         src = src[-max_length:] if len(src) > max_length else src
@@ -221,10 +234,13 @@ def encode_sft_seq2seq(tok: Any, template: ChatTemplate, messages: list[Message]
     return encode_prompt_response(tok, template, messages[:-1], messages[-1]["content"], max_length, "seq2seq")
 
 
-def encode_prompt(tok: Any, template: ChatTemplate, prompt: list[Message], max_length: int) -> list[int]:
-    """Generation prompt ids, trimmed from the left to max_length (keeping BOS)."""
+def encode_prompt(tok: Any, template: ChatTemplate, prompt: list[Message], max_length: int,
+                  kind: str = "causal") -> list[int]:
+    """Generation prompt ids (for seq2seq: the encoder input), trimmed from the left to max_length
+    (keeping BOS)."""
     bos, eos = _special(tok)
-    ids = token_ids(tok, template.render_prompt(prompt, bos, eos))
+    text = template.render_prompt(prompt, bos, eos)
+    ids = encoder_ids(tok, text) if kind == "seq2seq" else token_ids(tok, text)
     return fit(ids, [], max_length, tok.bos_token_id, min_prompt=max_length)[0]
 
 

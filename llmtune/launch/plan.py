@@ -156,14 +156,9 @@ def model_config(spec: ModelSpec) -> tuple[dict[str, Any], str]:
     while spec.base is not None:  # an adapter run: the base model's shape
         spec = spec.base
     if spec.tiny:
-        from tokenizers import Tokenizer
+        from llmtune.registry.tiny import shape_config
 
-        from llmtune.registry.tiny import TINY_MODELS, TOKENIZER_DIR
-
-        entry = TINY_MODELS[spec.name]
-        vocab = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json")).get_vocab_size()
-        return {"model_type": entry["model_type"], **entry["config"], "vocab_size": vocab}, \
-            f"built-in tiny model {spec.name}"
+        return shape_config(spec.name), f"built-in tiny model {spec.name}"
     if spec.path and (Path(spec.path) / "config.json").exists():
         return json.loads((Path(spec.path) / "config.json").read_text()), str(Path(spec.path) / "config.json")
     if spec.hub_id:

@@ -38,7 +38,7 @@ def batch_prompts(tok: Any, template: ChatTemplate, prompts: list[list[Message]]
                   kind: str, device: torch.device) -> dict[str, torch.Tensor]:
     """Tokenise prompts into a padded batch: left padding for causal (generation continues at the
     right edge), right padding for seq2seq encoders."""
-    ids = [encode_prompt(tok, template, p, max_prompt_length) for p in prompts]
+    ids = [encode_prompt(tok, template, p, max_prompt_length, kind) for p in prompts]
     width = max(len(x) for x in ids)
     pad = tok.pad_token_id
     left = kind != "seq2seq"
