@@ -176,7 +176,7 @@ def smollm2() -> Path:
 
 def test_real_smollm2_trains_answers_and_chats(smollm2: Path, tmp_path: Path) -> None:
     """The quickstart recipe, a few steps: a real pretrained model answers before and after LoRA SFT, the
-    run names its base portably, and `llmtune chat RUN` talks."""
+    run names its base portably, `llmtune chat RUN` talks and `llmtune compare` sets it beside the base."""
     assert (smollm2 / "model.safetensors").stat().st_size > 500e6  # 134.5M float32 parameters
     run = tmp_path / "quickstart"
     proc = run_cli("train", "recipes/quickstart.yaml", "training.max_steps=3", "training.logging_steps=1",
@@ -194,3 +194,11 @@ def test_real_smollm2_trains_answers_and_chats(smollm2: Path, tmp_path: Path) ->
     chat = run_cli("chat", str(run), "--temperature", "0", "--max-new-tokens", "16",
                    input="What is the capital of France?\n", check=True, timeout=600)
     assert "Paris" in chat.stdout
+
+    # The base model and the tuned one side by side on 16 prompts.
+    out = tmp_path / "compare"
+    run_cli("compare", "--models", SMOLLM, str(run), "--prompts", "persona", "-n", "16", "--temperature", "0",
+            "--max-new-tokens", "12", "--out", str(out), check=True, timeout=900)
+    rows = [json.loads(line) for line in (out / "compare.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(list(r["responses"]) == [SMOLLM, "quickstart"] for r in rows)
+    assert all(text.strip() for r in rows for text in r["responses"].values())

@@ -95,6 +95,21 @@ def test_truncation_keeps_the_response(tmp_path: Path) -> None:
     assert enc["input_ids"][0] == tok.bos_token_id  # BOS survives the left trim
 
 
+def test_trl_trainers_checkpoint_gradients_only_when_the_recipe_says(tmp_path: Path) -> None:
+    """TRL's configs default to gradient checkpointing on (a third slower); the recipe's default is off."""
+    from trl import DPOConfig, SFTConfig
+
+    from llmtune.runs.rundir import RunDir, StopFlag
+    from llmtune.stages.common import Context, training_args
+
+    ctx = Context(run=RunDir(tmp_path), resume=False, stop=StopFlag())
+    for cls in (SFTConfig, DPOConfig):
+        off = load_recipe(ROOT / "recipes" / "sft-tiny.yaml")
+        assert training_args(off, ctx, cls, False).gradient_checkpointing is False
+        on = load_recipe(ROOT / "recipes" / "sft-tiny.yaml", ["training.gradient_checkpointing=true"])
+        assert training_args(on, ctx, cls, False).gradient_checkpointing is True
+
+
 def test_tiny_sft_loss_falls(tmp_path: Path) -> None:
     proc = run_cli("train", "recipes/sft-tiny.yaml", "--output-dir", str(tmp_path / "qs"), check=True)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
