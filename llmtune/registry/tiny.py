@@ -92,10 +92,12 @@ def default_root() -> Path:
 
 
 def _fingerprint(name: str) -> str:
-    """Hash of the spec, the shipped tokenizer and the conventions' code, so a change triggers a rebuild."""
+    """Hash of the spec, the shipped tokenizer and the code that builds the model and its tokenizer, so
+    a change triggers a rebuild."""
     h = hashlib.sha256(json.dumps(TINY_MODELS[name], sort_keys=True).encode())
     h.update(str(SEED).encode())
-    h.update(Path(conventions.__file__).read_bytes())
+    for code in (Path(__file__), Path(conventions.__file__)):
+        h.update(code.read_bytes())
     for f in sorted(TOKENIZER_DIR.iterdir()):
         h.update(f.name.encode())
         h.update(f.read_bytes())
@@ -146,6 +148,12 @@ def _build(name: str, dest: Path) -> None:
     model_cls = getattr(transformers, spec["architecture"])
     torch.manual_seed(SEED)
     model = model_cls(config).to(torch.float32)
+    if spec["task"] == "seq2seq":
+        # T5's output layer is its input embedding (tied, not rescaled Flan-style), initialised N(0, 1):
+        # logits with a std near 8 would make the random twin sample one token forever. Pretrained
+        # embeddings are far smaller; d_model**-0.5 gives logits of std ~1, so sampling varies.
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, config.d_model ** -0.5)
     model.save_pretrained(str(dest))
     if spec["tokenizer"] == "shipped":
         for f in TOKENIZER_DIR.iterdir():
