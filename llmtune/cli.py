@@ -111,7 +111,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from llmtune.registry.models import offline_status, registry_models
 
     models = registry_models()
-    status = {name: offline_status(name, m) for name, m in models.items()}
+    status = {name: offline_status(m) for name, m in models.items()}
     if args.json:
         print(json.dumps({name: {**m, "available_offline": status[name][0], "source": status[name][1]}
                           for name, m in models.items()}, indent=2))

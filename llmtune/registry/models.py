@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,7 @@ def _from_entry(name: str, entry: dict[str, Any]) -> ModelSpec:
     )
 
 
-def offline_status(name: str, entry: dict[str, Any]) -> tuple[str, str]:
+def offline_status(entry: dict[str, Any]) -> tuple[str, str]:
     """(available offline: yes | fetch | no, where the weights come from) for a registry entry,
     without loading or downloading anything."""
     if entry.get("tiny"):
@@ -141,8 +142,6 @@ def offline_status(name: str, entry: dict[str, Any]) -> tuple[str, str]:
 
 def _hub_cached(hub_id: str) -> bool:
     """Whether a snapshot of this hub model is in the local Hugging Face cache."""
-    import os
-
     root = os.environ.get("HF_HUB_CACHE") or str(Path(os.environ.get("HF_HOME", Path.home() / ".cache" /
                                                                        "huggingface")) / "hub")
     snapshots = Path(root) / f"models--{hub_id.replace('/', '--')}" / "snapshots"
