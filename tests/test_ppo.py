@@ -148,6 +148,65 @@ def test_reward_model_run_as_reward_and_critic_init(tmp_path: Path) -> None:
     assert rows[0]["reward_mean"] != 0.0
 
 
+@pytest.mark.parametrize("model", ["tiny-gptj", "tiny-t5"])
+def test_rollouts_stop_at_stop_strings_and_end_tokens_and_mask_there(model: str) -> None:
+    """A stop string (standing in for a hallucinated "\\n\\nHuman:" turn: here a piece of the answer the
+    model gives without one) ends generation; the tokens and the mask end before it, so KL and the score
+    land only on what the reward saw; and such a response has not ended by itself (no EOS), so
+    missing_eos_penalty still applies."""
+    import dataclasses
+
+    from llmtune.config.schema import GenerationSection
+    from llmtune.data.templates import ChatTemplate
+    from llmtune.modeling.load import load_for_inference
+    from llmtune.ppo.rollout import sample
+
+    policy, tok, spec = load_for_inference(model)
+    free = dataclasses.replace(ChatTemplate.get(spec.template), stop=())
+    prompt = [[{"role": "user", "content": "Hello there, how are you today?"}]]
+    gen = GenerationSection(max_new_tokens=16, min_new_tokens=16, top_k=50)
+    torch.manual_seed(3)
+    whole = sample(policy, tok, free, spec.kind, prompt, gen, 64)
+    ids = whole.response_ids[0][whole.response_mask[0].bool()].tolist()
+    assert len(ids) == 16
+    full = tok.decode(ids, skip_special_tokens=True)
+
+    def text(upto: int) -> str:
+        return tok.decode(ids[:upto], skip_special_tokens=True)
+
+    # Two tokens from the middle of the answer, the first one visible, whose text first occurs right there.
+    at, stop = next((i, tok.decode(ids[i:i + 2], skip_special_tokens=True)) for i in range(2, 14)
+                    if text(i + 1) != text(i) and text(i + 2).startswith(text(i)) and (piece := text(i + 2)[len(text(i)):]).strip()
+                    and "\ufffd" not in piece and full.find(piece) == len(text(i)))
+
+    torch.manual_seed(3)  # the same sample, now with the stop string
+    cut = sample(policy, tok, dataclasses.replace(free, stop=(stop,)), spec.kind, prompt, gen, 64)
+    assert cut.response_ids.shape[1] < 16, "generation went on after the stop string"
+    kept = cut.response_mask[0].sum().item()
+    assert kept == max(at, 1) and cut.response_ids[0, :kept].tolist() == ids[:kept]
+    assert (cut.response_ids[0, kept:] == tok.pad_token_id).all()
+    assert cut.texts[0] == text(at).strip() and stop not in cut.texts[0]  # what the reward scores
+    assert not cut.ended[0]
+
+
+def test_deepspeed_is_refused_for_ppo_by_validate_and_plan(tmp_path: Path) -> None:
+    """PPO's checkpoints and final save do not gather ZeRO-partitioned weights (ZeRO-3 would save empty
+    ones): the recipe is refused up front, naming distributed.strategy, also when planned for GPUs."""
+    from llmtune.config.schema import check, parse
+
+    data = small_recipe("tiny-llama", "lora")
+    data["distributed"] = {"strategy": "deepspeed", "num_processes": 2, "zero_stage": 3}
+    with pytest.raises(ConfigError, match="distributed.strategy: stage ppo does not support deepspeed"):
+        check(parse(data), device_checks=False)
+    path = tmp_path / "ppo-ds.yaml"
+    path.write_text(yaml.safe_dump(data))
+    plan = run_cli("plan", str(path), "--gpu-memory", "80")
+    assert plan.returncode == 2 and "stage ppo does not support deepspeed" in plan.stderr
+    assert "Traceback" not in plan.stderr
+    data["distributed"] = {"strategy": "ddp", "num_processes": 2}
+    check(parse(data), device_checks=False)  # ddp is the way to scale PPO out
+
+
 def test_batch_size_errors_name_the_key(tmp_path: Path) -> None:
     data = small_recipe("tiny-llama", "lora", mini_batch_size=3)
     with pytest.raises(ConfigError, match=r"ppo.mini_batch_size: 3 must divide ppo.rollout_batch_size \(4\)"):

@@ -168,13 +168,61 @@ def test_mean_pooled_export_scores_like_the_run(trained: dict[str, Path], tmp_pa
     export(str(trained["minilm-l6-lora"]), out, merge=True)
     meta = json.loads((out / "llmtune.json").read_text())
     assert meta["pooling"] == "mean" and meta["max_length"] == 64 and meta["base"] is None
-    assert "MeanPooledClassifier.load(" in (out / "README.md").read_text()
+    assert "trust_remote_code=True" in (out / "README.md").read_text()
     assert isinstance(MeanPooledClassifier.load(str(out)), MeanPooledClassifier)
     prompts = [[{"role": "user", "content": "How do I pick a lock?"}]] * 2
     responses = ["I would rather not help with that.", "Use a tension wrench."]
     scores = [RewardModelScorer(RewardSection(type="reward_model", model=str(ref))).score(prompts, responses)
               for ref in (trained["minilm-l6-lora"], out)]
     assert scores[0] == pytest.approx(scores[1], abs=1e-5)
+
+
+@pytest.mark.parametrize("which", ["run", "export"])
+def test_mean_pooled_reward_model_loads_in_plain_transformers_or_not_at_all(trained: dict[str, Path],
+                                                                           tmp_path: Path, which: str) -> None:
+    """Plain `AutoModelForSequenceClassification` on a mean-pooled rm run's model/ (or its merged export),
+    in a process without llmtune: with trust_remote_code the very same scores, without it a loud refusal
+    (never a [CLS] classifier with random weights)."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from llmtune.serve.export import export
+
+    path = trained["minilm-l6-full"] / "model"
+    if which == "export":
+        path = tmp_path / "export"
+        export(str(trained["minilm-l6-lora"]), path, merge=True)
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "llmtune-mean-pooled" and (path / "pooling.py").is_file()
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = tok(["How do I pick a lock?", "Hi"], ["Use a tension wrench.", "Hello!"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ours = MeanPooledClassifier.load(str(path)).eval()(**enc).logits[:, 0].tolist()
+    code = f"""
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+path = {str(path)!r}
+try:
+    AutoModelForSequenceClassification.from_pretrained(path)
+    print("loaded without trust_remote_code")
+except ValueError as exc:
+    print("refused:", str(exc).splitlines()[0])
+model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained(path)
+enc = tok(["How do I pick a lock?", "Hi"], ["Use a tension wrench.", "Hello!"], return_tensors="pt", padding=True)
+with torch.no_grad():
+    print(json.dumps(model(**enc).logits[:, 0].tolist()))
+assert not any(m.startswith("llmtune") for m in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    first, scores = proc.stdout.strip().splitlines()[-2:]
+    assert "refused:" in first and "custom code" in first  # transformers asks, stdin is closed: refused
+    assert json.loads(scores) == pytest.approx(ours, abs=1e-5)
 
 
 def test_long_pairs_are_trimmed_from_the_left_not_dropped(trained: dict[str, Path], hh_sources: Path) -> None:

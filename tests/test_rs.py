@@ -4,6 +4,7 @@ against samples.jsonl, threshold/percentile filtering, a real Ctrl-C + resume, s
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,10 +21,11 @@ from conftest import ROOT, run_cli
 from llmtune.config.load import recipe_from_dict
 from llmtune.config.schema import GenerationSection, RsSection
 from llmtune.data.templates import ChatTemplate
+from llmtune.errors import LLMTuneError
 from llmtune.modeling.generate import generate
 from llmtune.modeling.load import load_for_inference, load_for_training
 from llmtune.rewards.rules import target_length
-from llmtune.stages.rs import restore, select
+from llmtune.stages.rs import restore, score_stats, select
 from llmtune.train import train
 
 _SENT_SIGINT: list[bool] = []
@@ -166,6 +168,22 @@ def test_select_threshold_and_percentile() -> None:
     assert [r["index"] for r in kept] == [0]
     kept, bar, _ = select(samples, RsSection(threshold=2.0, percentile=10), 1)
     assert bar == 2.0 and kept == []
+
+
+def test_nonfinite_scores_are_dropped_and_counted() -> None:
+    """One NaN must not make the bar NaN (keeping nothing) nor be picked as the best response."""
+    nan, inf = float("nan"), float("inf")
+    samples = [{"index": i, "prompt": [], "responses": ["a", "b"], "scores": s}
+               for i, s in enumerate([[nan, 0.2], [0.5, inf], [nan, nan], [0.1, 0.3]])]
+    kept, bar, pct = select(samples, RsSection(percentile=0), 1)
+    assert math.isfinite(bar) and bar == pytest.approx(0.2)
+    assert [(r["index"], r["response"], r["score"]) for r in kept] == [(0, "b", 0.2), (1, "a", 0.5), (3, "b", 0.3)]
+    stats = score_stats(samples)
+    assert stats["nonfinite_scores"] == 4
+    assert stats["reward_mean"] == pytest.approx((0.2 + 0.5 + 0.1 + 0.3) / 4)
+    assert stats["reward_best_mean"] == pytest.approx((0.2 + 0.5 + 0.3) / 3)
+    with pytest.raises(LLMTuneError, match="every score of round 2 is NaN or infinite"):
+        select([{"index": 0, "prompt": [], "responses": ["a"], "scores": [nan]}], RsSection(), 2)
 
 
 def test_rs_ctrl_c_while_sampling_then_resume(tmp_path: Path) -> None:

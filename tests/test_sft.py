@@ -47,8 +47,12 @@ def test_sft_trains_saves_reloads_and_generates(tmp_path: Path, model: str, fine
     if finetuning == "lora":
         from peft import PeftModel
 
-        base_path = json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"]
-        loaded = PeftModel.from_pretrained(auto.from_pretrained(base_path), saved)
+        from llmtune.registry.tiny import materialize
+
+        # The adapter names its base portably (the registry name), not by this machine's model store.
+        base = json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert base == model and os.environ["LLMTUNE_HOME"] not in (saved / "README.md").read_text()
+        loaded = PeftModel.from_pretrained(auto.from_pretrained(materialize(base)), saved)
     else:
         loaded = auto.from_pretrained(saved)
     tok = AutoTokenizer.from_pretrained(saved)
@@ -89,6 +93,21 @@ def test_truncation_keeps_the_response(tmp_path: Path) -> None:
     trained = tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100])
     assert "The final answer is forty two." in trained
     assert enc["input_ids"][0] == tok.bos_token_id  # BOS survives the left trim
+
+
+def test_trl_trainers_checkpoint_gradients_only_when_the_recipe_says(tmp_path: Path) -> None:
+    """TRL's configs default to gradient checkpointing on (a third slower); the recipe's default is off."""
+    from trl import DPOConfig, SFTConfig
+
+    from llmtune.runs.rundir import RunDir, StopFlag
+    from llmtune.stages.common import Context, training_args
+
+    ctx = Context(run=RunDir(tmp_path), resume=False, stop=StopFlag())
+    for cls in (SFTConfig, DPOConfig):
+        off = load_recipe(ROOT / "recipes" / "sft-tiny.yaml")
+        assert training_args(off, ctx, cls, False).activation_checkpointing is False
+        on = load_recipe(ROOT / "recipes" / "sft-tiny.yaml", ["training.gradient_checkpointing=true"])
+        assert training_args(on, ctx, cls, False).activation_checkpointing is True
 
 
 @pytest.mark.slow

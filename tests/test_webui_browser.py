@@ -1,5 +1,6 @@
 """The web UI in a real browser (Debian's chromium driven by playwright-core, tests/browser/webui.js):
-launch the quickstart with max_steps lowered in the form, wait for completion with the loss plot
+pick the tiny SFT recipe (the quickstart, shown on open, is a real model: minutes on a CPU), launch it
+with max_steps lowered in the form, wait for completion with the loss plot
 drawn, compare two models side by side, vote, and find the vote in the preference file. A screenshot
 of every tab lands in $LLMTUNE_ARTIFACTS (default artifacts/screenshots/).
 

@@ -54,7 +54,10 @@ class LoraSection:
 
 @dataclass
 class ModelSection:
-    name: str = _f(REQUIRED, doc="Model registry name (`llmtune models`), hub id, or local directory.", ref="model")
+    name: str = _f(REQUIRED, doc="Model registry name (`llmtune models`), hub id, local directory, run directory, "
+                   "or a .gguf file (converted once into $LLMTUNE_HOME/models).", ref="model")
+    gguf_file: str | None = _f(None, doc="A GGUF file inside the directory model.name names (instead of naming the "
+                               ".gguf file itself).")
     finetuning: Literal["lora", "qlora", "full"] = _f(
         "lora", doc="lora: adapters on a frozen base; qlora: adapters on a 4-bit base (CUDA); full: all weights.")
     lora: LoraSection = _f(doc="LoRA adapter settings (lora and qlora).", factory=LoraSection)
@@ -223,6 +226,14 @@ class PpoSection:
 
 
 @dataclass
+class AnswersSection:
+    prompts: list[str] = _f(doc="stages sft and dpo: questions (single user turns) the model answers greedily before "
+                            "and after training; printed, and saved to answers.jsonl in the run directory.",
+                            factory=list)
+    max_new_tokens: int = _f(96, doc="Answer length limit in tokens.", ge=1)
+
+
+@dataclass
 class DistributedSection:
     strategy: Literal["none", "ddp", "deepspeed"] = _f("none", doc="Multi-process strategy.")
     num_processes: int = _f(1, doc="Processes per node (usually GPUs per node).", ge=1)
@@ -258,6 +269,8 @@ class Recipe:
     dpo: DpoSection = _f(doc="DPO stage settings.", factory=DpoSection)
     rs: RsSection = _f(doc="Rejection-sampling stage settings.", factory=RsSection)
     ppo: PpoSection = _f(doc="PPO stage settings.", factory=PpoSection)
+    answers: AnswersSection = _f(doc="Answers to show before and after training (what tuning changed).",
+                                 factory=AnswersSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -165,12 +165,14 @@ def _convert_rows(
 
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant: "
 _HH_TAG = {"user": HUMAN, "assistant": ASSISTANT}
-_HH_SPLIT = re.compile(f"({re.escape(HUMAN)}|{re.escape(ASSISTANT)})")
+# A transcript may end in "\n\nAssistant:" with no space: an empty final reply (kept, not dropped).
+_HH_SPLIT = re.compile(f"({re.escape(HUMAN)}|{re.escape(ASSISTANT)}|{re.escape(ASSISTANT.rstrip())}\\Z)")
 
 
 def parse_hh(text: str) -> list[Message]:
     """Split an HH transcript into turns. A tag repeated without the other in between (a reply
-    that itself contains '\\n\\nAssistant: ') stays inside that turn, so render_hh inverts this."""
+    that itself contains '\\n\\nAssistant: ') stays inside that turn, so render_hh inverts this
+    (except that an empty final reply renders with the tag's usual trailing space)."""
     parts = _HH_SPLIT.split(text)
     if parts[0] or len(parts) < 3 or parts[1] != HUMAN:
         raise RowProblem("transcript must start with '\\n\\nHuman: '")
@@ -296,8 +298,9 @@ def _oasst_nodes(
             errors.append(RowError(source, line, "needs a string 'message_id' and role prompter|assistant"))
         elif not isinstance(row.get("text"), str):
             errors.append(RowError(source, line, "'text' must be a string"))
-        elif row.get("deleted"):
-            errors.append(RowError(source, line, "deleted message", filtered=True))
+        elif row.get("deleted") or row.get("synthetic"):
+            errors.append(RowError(source, line, "deleted message" if row.get("deleted") else "synthetic message",
+                                   filtered=True))
             skipped.add(mid)
         elif lang and row.get("lang") != lang:
             errors.append(RowError(source, line, f"lang {row.get('lang')!r} != {lang!r}", filtered=True))
@@ -311,7 +314,12 @@ def _oasst_nodes(
         parent = node.row.get("parent_id")
         if parent is None:
             if node.row["role"] == "prompter":
-                roots.append(mid)
+                unfit = _unexported_tree(node.row)
+                if unfit:
+                    errors.append(RowError(node.source, node.line, unfit, filtered=True))
+                    skipped.add(mid)
+                else:
+                    roots.append(mid)
             else:
                 errors.append(RowError(node.source, node.line, "conversation root is not a prompter message"))
                 skipped.add(mid)
@@ -336,6 +344,18 @@ def _oasst_nodes(
     return reachable, children, roots
 
 
+def _unexported_tree(root: dict[str, Any]) -> str | None:
+    """Why a conversation tree is left out, as OpenAssistant's own loader (`load_oasst_export`) leaves it
+    out: only trees whose state is ready_for_export, and only prompts that passed review. Rows without
+    these fields (hand-made files) are kept."""
+    state = root.get("tree_state", "ready_for_export")
+    if state != "ready_for_export":
+        return f"tree_state {state!r} is not ready_for_export"
+    if "review_result" in root and not root["review_result"]:
+        return f"prompt review_result is {root['review_result']!r}"
+    return None
+
+
 def convert_oasst(records: Iterable[Record], shape: str | None, options: dict[str, Any]) -> Converted:
     """OpenAssistant/oasst1 message trees.
 
@@ -344,7 +364,9 @@ def convert_oasst(records: Iterable[Record], shape: str | None, options: dict[st
     preference: one pair per prompter message with >= 2 ranked replies, best rank vs worst rank
     (one pair, not all pairs, so big branches are not over-weighted).
     prompt: the conversation up to every prompter message.
-    Option `lang` keeps only messages in that language; deleted messages are dropped (filtered).
+    As OpenAssistant's own loader does: only trees in state ready_for_export whose prompt passed review,
+    and no deleted or synthetic messages (nor anything below them), counted as filtered. Option `lang`
+    keeps only messages in that language.
     """
     shape = shape or "sft"
     errors: list[RowError] = []

@@ -9,6 +9,7 @@ version of each template (`to_jinja`) into saved tokenizers, so plain transforme
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,10 +117,58 @@ def _special(tok: Any) -> tuple[str, str]:
     return tok.bos_token or "", tok.eos_token or ""
 
 
+def _special_split(tok: Any) -> re.Pattern[str] | None:
+    specials = sorted({t for t in tok.all_special_tokens if t}, key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+
+def encode_pieces(tok: Any, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """Token ids of the concatenated text pieces, and per token whether it came from a trainable piece.
+
+    Why not one tokenizer call per piece: SentencePiece tokenizers mark a word start with "▁" at the
+    start of each call, so a reply tokenised alone differs from the same reply inside the conversation.
+    Why not one call for the whole text: tokenizers disagree on whether text right after a special
+    token gets that mark (Llama 2's: "<s>[INST]" must be "<s>", "▁[INST]", as in Meta's reference,
+    which encodes each turn separately between BOS and EOS). So: one call per stretch of text between
+    special tokens, special tokens as their ids, and each token's piece from its character offsets.
+    The tokenizer's own special tokens are never added (no doubled BOS). Quiet about texts over the
+    model's length: every caller trims (from the left of the history) afterwards."""
+    text = "".join(t for t, _ in pieces)
+    trainable = [flag for t, flag in pieces for _ in t]
+    ids: list[int] = []
+    flags: list[bool] = []
+    pattern = _special_split(tok)
+    start = 0
+    for chunk in pattern.split(text) if pattern else [text]:
+        if not chunk:
+            continue
+        if pattern and pattern.fullmatch(chunk):
+            ids.append(tok.convert_tokens_to_ids(chunk))
+            flags.append(trainable[start])
+        else:
+            enc = tok(chunk, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            ids += enc["input_ids"]
+            flags += [trainable[start + min(a, len(chunk) - 1)] for a, _ in enc["offset_mapping"]]
+        start += len(chunk)
+    return ids, flags
+
+
 def token_ids(tok: Any, text: str) -> list[int]:
-    """Token ids of a text piece, no special tokens. Quiet about texts over the model's length:
-    every caller trims (from the left of the history) afterwards."""
-    return tok(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
+    """Token ids of a text, no special tokens added (see `encode_pieces`)."""
+    return encode_pieces(tok, [(text, False)])[0] if text else []
+
+
+def appends_eos(tok: Any) -> bool:
+    """Whether the tokenizer ends every encoding with EOS itself, as T5's does."""
+    eos = tok.eos_token_id
+    return eos is not None and tok("a")["input_ids"][-1:] == [eos] != tok("a", add_special_tokens=False)[
+        "input_ids"][-1:]
+
+
+def encoder_ids(tok: Any, text: str) -> list[int]:
+    """An encoder-decoder's encoder input: the text's tokens plus the EOS its tokenizer appends (Flan-T5
+    was trained on inputs ending in </s>)."""
+    return token_ids(tok, text) + ([tok.eos_token_id] if appends_eos(tok) else [])
 
 
 def fit(prompt: list[int], response: list[int], max_length: int, bos_id: int | None = None,
@@ -167,12 +216,8 @@ def reply_text(template: ChatTemplate, reply: list[Message], bos: str, eos: str)
 def encode_sft_causal(tok: Any, template: ChatTemplate, messages: list[Message], max_length: int) -> dict[str, list[int]]:
     """input_ids + labels (assistant tokens only) for a causal LM; history trimmed from the left."""
     bos, eos = _special(tok)
-    ids: list[int] = []
-    labels: list[int] = []
-    for text, trainable in template.segments(messages, bos, eos):
-        piece = token_ids(tok, text)
-        ids += piece
-        labels += piece if trainable else [IGNORE] * len(piece)
+    ids, trainable = encode_pieces(tok, template.segments(messages, bos, eos))
+    labels = [i if t else IGNORE for i, t in zip(ids, trainable)]
     last_prompt_end = max(i for i, label in enumerate([IGNORE] + labels) if label == IGNORE)
     # Split at the start of the final assistant turn; fit() keeps the final response.
     prompt_ids, resp_ids = ids[:last_prompt_end], ids[last_prompt_end:]
@@ -192,15 +237,16 @@ def encode_prompt_response(tok: Any, template: ChatTemplate, prompt: list[Messag
     response; seq2seq → encoder input_ids and decoder labels. History trimmed from the left."""
     bos, eos = _special(tok)
     if kind == "seq2seq":
-        src = token_ids(tok, template.render_prompt(prompt, bos, eos))
+        src = encoder_ids(tok, template.render_prompt(prompt, bos, eos))
         tgt = token_ids(tok, response) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
         tgt = tgt[: max(1, max_length // 2)] if len(tgt) > max_length // 2 and len(src) > max_length // 2 else tgt
         src = src[-max_length:] if len(src) > max_length else src
         return {"input_ids": src, "labels": tgt[:max_length]}
-    prompt_ids = token_ids(tok, template.render_prompt(prompt, bos, eos))
-    resp_ids = token_ids(tok, template.assistant.format(content=response, bos=bos, eos=eos)
-                       + template.assistant_suffix.format(bos=bos, eos=eos))
-    p, r = fit(prompt_ids, resp_ids, max_length, tok.bos_token_id)
+    reply = template.assistant.format(content=response, bos=bos, eos=eos) + template.assistant_suffix.format(
+        bos=bos, eos=eos)
+    ids, trainable = encode_pieces(tok, [(template.render_prompt(prompt, bos, eos), False), (reply, True)])
+    split = trainable.index(True) if True in trainable else len(ids)
+    p, r = fit(ids[:split], ids[split:], max_length, tok.bos_token_id)
     return {"input_ids": p + r, "labels": [IGNORE] * len(p) + r, "prompt_length": len(p)}
 
 
@@ -211,10 +257,13 @@ def encode_sft_seq2seq(tok: Any, template: ChatTemplate, messages: list[Message]
     return encode_prompt_response(tok, template, messages[:-1], messages[-1]["content"], max_length, "seq2seq")
 
 
-def encode_prompt(tok: Any, template: ChatTemplate, prompt: list[Message], max_length: int) -> list[int]:
-    """Generation prompt ids, trimmed from the left to max_length (keeping BOS)."""
+def encode_prompt(tok: Any, template: ChatTemplate, prompt: list[Message], max_length: int,
+                  kind: str = "causal") -> list[int]:
+    """Generation prompt ids (for seq2seq: the encoder input), trimmed from the left to max_length
+    (keeping BOS)."""
     bos, eos = _special(tok)
-    ids = token_ids(tok, template.render_prompt(prompt, bos, eos))
+    text = template.render_prompt(prompt, bos, eos)
+    ids = encoder_ids(tok, text) if kind == "seq2seq" else token_ids(tok, text)
     return fit(ids, [], max_length, tok.bos_token_id, min_prompt=max_length)[0]
 
 

@@ -123,14 +123,9 @@ def model_config(spec: ModelSpec) -> tuple[dict[str, Any], str]:
     while spec.base is not None:  # an adapter run: the base model's shape
         spec = spec.base
     if spec.tiny:
-        from tokenizers import Tokenizer
+        from llmtune.registry.tiny import shape_config
 
-        from llmtune.registry.tiny import TINY_MODELS, TOKENIZER_DIR
-
-        entry = TINY_MODELS[spec.name]
-        vocab = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json")).get_vocab_size()
-        return {"model_type": entry["model_type"], **entry["config"], "vocab_size": vocab}, \
-            f"built-in tiny model {spec.name}"
+        return shape_config(spec.name), f"built-in tiny model {spec.name}"
     if spec.path and (Path(spec.path) / "config.json").exists():
         return json.loads((Path(spec.path) / "config.json").read_text()), str(Path(spec.path) / "config.json")
     if spec.hub_id:
@@ -327,7 +322,8 @@ def make_plan(recipe: Recipe, gpu_memory_gb: float | None = None, gpus: list[flo
     earlier stage's run, not trained yet, has that stage's model's shape)."""
     d, t = recipe.distributed, recipe.training
     world = d.world_size
-    spec = resolve_model(model_name or recipe.model.name, template=recipe.model.template)
+    spec = resolve_model(model_name or recipe.model.name, template=recipe.model.template,
+                         gguf_file=None if model_name else recipe.model.gguf_file)
     config, config_source = model_config(spec)
     shape = model_shape(config, recipe, spec)
     gpus = gpus_present() if gpus is None else gpus

@@ -28,11 +28,18 @@ def generation_kwargs(gen: GenerationSection, tok: Any) -> dict[str, Any]:
     return kwargs
 
 
+def stop_kwargs(tok: Any, stops: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """generate() kwargs that end a sequence as soon as it produces one of `stops` (transformers'
+    StopStringCriteria): no tokens are spent after a hallucinated next turn."""
+    stops = [s for s in stops if s]
+    return {"stop_strings": stops, "tokenizer": tok} if stops else {}
+
+
 def batch_prompts(tok: Any, template: ChatTemplate, prompts: list[list[Message]], max_prompt_length: int,
                   kind: str, device: torch.device) -> dict[str, torch.Tensor]:
     """Tokenise prompts into a padded batch: left padding for causal (generation continues at the
     right edge), right padding for seq2seq encoders."""
-    ids = [encode_prompt(tok, template, p, max_prompt_length) for p in prompts]
+    ids = [encode_prompt(tok, template, p, max_prompt_length, kind) for p in prompts]
     batch = pad_batch(ids, tok.pad_token_id, "right" if kind == "seq2seq" else "left")
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -61,7 +68,8 @@ def generate(model: Any, tok: Any, template: ChatTemplate, kind: str, prompts: l
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         batch = batch_prompts(tok, template, chunk, max_prompt_length, kind, device)
-        seqs = model.generate(**batch, num_return_sequences=num_return_sequences, **kwargs)
+        seqs = model.generate(**batch, num_return_sequences=num_return_sequences, **kwargs,
+                              **stop_kwargs(tok, stop_list))
         if kind != "seq2seq":
             seqs = seqs[:, batch["input_ids"].shape[1]:]
         texts = tok.batch_decode(seqs, skip_special_tokens=True)

@@ -133,7 +133,8 @@ def load_for_training(recipe: Recipe, head: str | None = None, spec: ModelSpec |
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     mcfg = recipe.model
-    spec = spec or resolve_model(model_name or mcfg.name, template=mcfg.template)
+    spec = spec or resolve_model(model_name or mcfg.name, template=mcfg.template,
+                                 gguf_file=None if model_name else mcfg.gguf_file)
     kind = resolve_kind(spec)
     head = head or kind
     if kind == "encoder" and head != "classifier":
@@ -200,13 +201,27 @@ def load_for_inference(ref: str, head: str | None = None, dtype: str = "auto") -
     return model, tok, spec
 
 
-def portable_ref(spec: ModelSpec) -> str:
-    """Registry name or hub id when there is one (works on any machine), else the absolute path."""
-    from llmtune.registry.models import registry_models
+def _name_base_portably(out: Path, spec: ModelSpec) -> None:
+    """Name the base in the adapter_config.json and model card peft just wrote by a portable reference
+    (the hub id when known, else the registry name or GGUF file) instead of the directory it was loaded
+    from — often a machine-local cache path, which would tie the run directory to this machine.
+    (Rewritten after saving: before it, peft would look the name up on the hub.)"""
+    from huggingface_hub import ModelCard
 
-    if spec.name in registry_models() or (spec.hub_id and not spec.path):
-        return spec.name
-    return str(Path(spec.location()).resolve())
+    root = spec
+    while root.base is not None:
+        root = root.base
+    ref = root.hub_ref()
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = ref
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    if (out / "README.md").exists():
+        card = ModelCard.load(out / "README.md")
+        card.data.base_model = ref
+        card.data.tags = [f"base_model:adapter:{ref}" if t.startswith("base_model:adapter:") else t
+                          for t in card.data.tags or []]
+        card.save(out / "README.md")
 
 
 def save_model(model: Any, tok: Any, out: Path, spec: ModelSpec, recipe: Recipe, head: str,
@@ -214,15 +229,19 @@ def save_model(model: Any, tok: Any, out: Path, spec: ModelSpec, recipe: Recipe,
     """Save weights (or adapter) + tokenizer + llmtune.json so the run reloads anywhere.
 
     state_dict: weights gathered elsewhere (a ZeRO-3 model holds only its shard of each tensor)."""
+    from peft import PeftModel
+
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     follow_umask(out)
+    if isinstance(model, PeftModel):
+        _name_base_portably(out, spec)
     tok.save_pretrained(out)
     base = spec.base or spec
     meta = {
         "kind": spec.kind, "template": spec.template, "head": head, "finetuning": recipe.model.finetuning,
         "stage": recipe.stage,
-        "base": portable_ref(base) if recipe.model.finetuning != "full" else None,
+        "base": base.portable_ref() if recipe.model.finetuning != "full" else None,
     }
     if head == "classifier":
         meta["pooling"] = spec.pooling or "architecture"

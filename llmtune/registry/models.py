@@ -1,7 +1,9 @@
-"""Model registry lookup: registry names, run directories, local model directories and hub ids.
+"""Model registry lookup: registry names, run directories, local model directories, GGUF files and
+hub ids.
 
-The registry itself is data (`models.yaml`). Resolution never imports torch and never builds a
-model: tiny models are only materialised when `ModelSpec.location()` is called by the loader.
+The registry itself is data (`models.yaml`). Resolution never imports torch and never builds or
+downloads a model: tiny models are materialised, GGUF files converted and offline sources fetched
+only when `ModelSpec.location()` is called by the loader (or by `llmtune models fetch`).
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from typing import Any
 import yaml
 
 from llmtune.errors import ConfigError, hint
+from llmtune.registry.store import META_FILE
 
 log = logging.getLogger("llmtune.registry")
 
 REGISTRY_FILE = Path(__file__).with_name("models.yaml")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet",
-                 "albert", "modernbert"}
+                 "albert", "modernbert", "llmtune-mean-pooled"}
 # Written next to every model llmtune saves, so run outputs reload with their kind and template.
-META_FILE = "llmtune.json"
 
 
 @dataclass
@@ -47,6 +49,8 @@ class ModelSpec:
     params: float | None = None
     description: str = ""
     pooling: str | None = None  # reward heads: "mean" (modeling/pooling.py) or None (the architecture's own)
+    gguf: str | None = None  # a GGUF file: converted into the model store on first use
+    offline: dict[str, Any] | None = None  # the registry's offline source (fetch.WheelSource)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -59,7 +63,28 @@ class ModelSpec:
             from llmtune.registry.tiny import materialize
 
             return str(materialize(self.name))
+        if self.gguf:
+            from llmtune.registry.gguf import convert
+
+            return str(convert(Path(self.gguf)))
+        if self.offline:
+            from llmtune.registry.fetch import WheelSource
+
+            return str(WheelSource.from_entry(self.offline).obtain(self.name))
         return self.path or self.hub_id or self.name
+
+    def portable_ref(self) -> str:
+        """How a saved run names this model so the run moves between machines: the registry name or
+        hub id, the GGUF file, else the absolute local path (never a path inside the model store)."""
+        if self.name in registry_models() or (self.hub_id and not self.path):
+            return self.name
+        if self.gguf:
+            return self.gguf
+        return str(Path(self.location()).resolve())
+
+    def hub_ref(self) -> str:
+        """What plain transformers / peft should load on another machine: the hub id when there is one."""
+        return self.hub_id or self.portable_ref()
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,8 +117,36 @@ def _from_entry(name: str, entry: dict[str, Any]) -> ModelSpec:
         name=name, kind=entry["kind"], template=entry["template"], lora_targets=entry.get("lora_targets", "all-linear"),
         context_length=entry.get("context_length"), dtype=entry.get("dtype", "float32"), hub_id=entry.get("hub_id"),
         path=path, tiny=bool(entry.get("tiny")), params=entry.get("params"), description=entry.get("description", ""),
-        pooling=entry.get("pooling"), extra={"config": entry["config"]} if entry.get("config") else {},
+        pooling=entry.get("pooling"), offline=entry.get("offline"),
+        extra={"config": entry["config"]} if entry.get("config") else {},
     )
+
+
+def offline_status(entry: dict[str, Any]) -> tuple[str, str]:
+    """(available offline: yes | fetch | no, where the weights come from) for a registry entry,
+    without loading or downloading anything."""
+    if entry.get("tiny"):
+        return "yes", "built locally"
+    if entry.get("offline"):
+        from llmtune.registry.fetch import WheelSource
+
+        source = WheelSource.from_entry(entry["offline"])
+        return ("yes" if source.ready() else "fetch"), source.describe()
+    if entry.get("local_package"):
+        found = _package_dir(entry["local_package"])
+        package = entry["local_package"].split("/")[0]
+        return ("yes", f"package {package}") if found and Path(found).is_dir() else ("no", f"pip package {package}")
+    hub = entry.get("hub_id")
+    if hub and _hub_cached(hub):
+        return "yes", f"hub cache {hub}"
+    return "no", f"hub {hub}" if hub else "-"
+
+
+def _hub_cached(hub_id: str) -> bool:
+    """Whether this hub model's config is in the local Hugging Face cache (nothing downloaded)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
 
 
 def detect_kind(config: dict[str, Any], where: str = "the model") -> str:
@@ -149,10 +202,21 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or first == "runs" or Path(first).expanduser().is_dir()
 
 
-def resolve_model(name: str, template: str | None = None) -> ModelSpec:
-    """Registry name → spec; else a local directory (run dir, adapter, model); else a hub id."""
+def _from_gguf(path: Path, template: str | None) -> ModelSpec:
+    from llmtune.registry.gguf import describe
+
+    info = describe(path)
+    return ModelSpec(name=str(path), kind=info.kind, template=template or info.template,
+                     context_length=info.context_length, gguf=str(path), description=info.name)
+
+
+def resolve_model(name: str, template: str | None = None, gguf_file: str | None = None) -> ModelSpec:
+    """Registry name → spec; else a GGUF file (or a directory plus `gguf_file`); else a local directory
+    (run dir, adapter, model); else a hub id."""
     if template is not None and template not in templates():
         raise ConfigError(f"unknown chat template '{template}'" + hint(template, templates()))
+    if gguf_file:
+        name = str(Path(name).expanduser() / gguf_file)
     models = registry_models()
     if name in models:
         spec = _from_entry(name, models[name])
@@ -160,6 +224,10 @@ def resolve_model(name: str, template: str | None = None) -> ModelSpec:
             spec.template = template
         return spec
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"no such GGUF file: {name}")
+        return _from_gguf(path.resolve(), template)
     if path.is_dir():
         return _from_directory(name, path.resolve(), template)
     if HUB_ID.match(name) and path.parent.is_dir():
@@ -172,6 +240,8 @@ def resolve_model(name: str, template: str | None = None) -> ModelSpec:
         for reg_name, entry in models.items():  # a hub id the registry knows keeps its template
             if entry.get("hub_id") == name:
                 spec = _from_entry(reg_name, entry)
+                if spec.offline:  # the hub's own weights, not the registry's offline stand-in for them
+                    spec.name, spec.offline = name, None
                 spec.template = template or spec.template
                 return spec
         if template is None:

@@ -1,23 +1,26 @@
 """Built-in tiny models: real transformers architectures with random weights, built locally.
 
-They let the quickstart, the tests and CI run every stage offline in seconds: no hub
-download, identical weights on every machine (fixed seed), and the small shipped
-byte-level BPE tokenizer (`llmtune/registry/tokenizer/`). `materialize(name)` writes a
-normal `save_pretrained` directory once, so the rest of llmtune treats it like any
-other local checkpoint (Auto* classes load it).
+They let the smoke recipes, the tests and CI run every stage offline in seconds: no hub
+download, identical weights on every machine (fixed seed). tiny-llama uses the small shipped
+byte-level BPE tokenizer (`llmtune/registry/tokenizer/`); tiny-gptj and tiny-t5 use tokenizers
+derived from it with their families' conventions (`conventions.py`), so the code paths GPT-J and
+Flan-T5 take are the ones the twins take. `materialize(name)` writes a normal `save_pretrained`
+directory once, so the rest of llmtune treats it like any other local checkpoint (Auto* classes
+load it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-TOKENIZER_DIR = Path(__file__).with_name("tokenizer")
+from llmtune.registry import conventions
+from llmtune.registry.conventions import BUILDERS, GPTJ_EMBEDDINGS, TOKENIZER_DIR
+from llmtune.registry.store import install, models_root
+
 MARKER_FILE = "llmtune_tiny.json"
 SEED = 0
 
@@ -28,6 +31,7 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "model_type": "llama",
         "task": "causal-lm",
         "description": "Llama: hidden 64, 2 layers, 4 heads (2 kv), MLP 128",
+        "tokenizer": "shipped",
         "config": {
             "hidden_size": 64,
             "num_hidden_layers": 2,
@@ -42,8 +46,10 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "architecture": "GPTJForCausalLM",
         "model_type": "gptj",
         "task": "causal-lm",
-        "description": "GPT-J: n_embd 64, 2 layers, 4 heads, rotary_dim 8",
+        "description": "GPT-J: n_embd 64, 2 layers, 4 heads, rotary_dim 8; GPT-J's tokenizer conventions",
+        "tokenizer": "gpt2",
         "config": {
+            "vocab_size": GPTJ_EMBEDDINGS,  # more embedding rows than tokens, as GPT-J has
             "n_embd": 64,
             "n_layer": 2,
             "n_head": 4,
@@ -56,7 +62,9 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "architecture": "T5ForConditionalGeneration",
         "model_type": "t5",
         "task": "seq2seq",
-        "description": "T5 (Flan-style gated-gelu): d_model 64, d_ff 128, 2+2 layers, 4 heads",
+        "description": "T5 (Flan-style gated-gelu): d_model 64, d_ff 128, 2+2 layers, 4 heads; T5's tokenizer "
+                       "conventions",
+        "tokenizer": "t5",
         "config": {
             "d_model": 64,
             "d_ff": 128,
@@ -79,54 +87,52 @@ def is_tiny(name: str) -> bool:
 
 
 def default_root() -> Path:
-    """Where materialized tiny models live: `$LLMTUNE_HOME/models` or `~/.cache/llmtune/models`."""
-    home = os.environ.get("LLMTUNE_HOME")
-    base = Path(home).expanduser() if home else Path.home() / ".cache" / "llmtune"
-    return base / "models"
+    """Where materialized tiny models live: the model store (`$LLMTUNE_HOME/models`)."""
+    return models_root()
 
 
 def _fingerprint(name: str) -> str:
-    """Hash of the spec and the shipped tokenizer, so a changed definition triggers a rebuild."""
+    """Hash of the spec, the shipped tokenizer and the code that builds the model and its tokenizer, so
+    a change triggers a rebuild."""
     h = hashlib.sha256(json.dumps(TINY_MODELS[name], sort_keys=True).encode())
     h.update(str(SEED).encode())
+    for code in (Path(__file__), Path(conventions.__file__)):
+        h.update(code.read_bytes())
     for f in sorted(TOKENIZER_DIR.iterdir()):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
-def _is_complete(path: Path, name: str, fingerprint: str) -> bool:
-    """A build is complete iff its marker (written last, before the atomic rename) matches."""
-    try:
-        marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return marker.get("llmtune_tiny") == name and marker.get("fingerprint") == fingerprint
-
-
-def _token_ids() -> tuple[int, dict[str, int]]:
-    """Vocab size and special-token ids of the shipped tokenizer."""
+def _tokenizer(name: str) -> tuple[Any, dict[str, str]]:
+    """(tokenizers.Tokenizer, special tokens) of a tiny model: the shipped one, or a family's conventions."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
-    ids = {k: tok.token_to_id(t) for k, t in (("pad", "<pad>"), ("bos", "<s>"), ("eos", "</s>"))}
-    return tok.get_vocab_size(), ids
+    family = TINY_MODELS[name]["tokenizer"]
+    if family == "shipped":
+        return Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json")), \
+            {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    return BUILDERS[family]()
+
+
+def shape_config(name: str) -> dict[str, Any]:
+    """model_type, the architecture's shape and the vocabulary size (embedding rows), without torch."""
+    spec = TINY_MODELS[name]
+    return {"model_type": spec["model_type"], "vocab_size": _tokenizer(name)[0].get_vocab_size(), **spec["config"]}
 
 
 def build_config(name: str) -> Any:
-    """The transformers config object for a tiny model (random-init shape + tokenizer ids)."""
+    """The transformers config object for a tiny model (random-init shape + its tokenizer's ids)."""
     from transformers import AutoConfig
 
     spec = TINY_MODELS[name]
-    vocab_size, ids = _token_ids()
-    kwargs: dict[str, Any] = dict(spec["config"])
-    kwargs.update(
-        vocab_size=vocab_size,
-        pad_token_id=ids["pad"],
-        bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"],
-        architectures=[spec["architecture"]],
-    )
+    tok, specials = _tokenizer(name)
+    ids = {k: tok.token_to_id(specials[f"{k}_token"]) if f"{k}_token" in specials else None
+           for k in ("pad", "bos", "eos")}
+    kwargs: dict[str, Any] = shape_config(name)
+    kwargs.pop("model_type")
+    kwargs.update(pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                  architectures=[spec["architecture"]])
     if spec["task"] == "seq2seq":
         kwargs["decoder_start_token_id"] = ids["pad"]
     return AutoConfig.for_model(spec["model_type"], **kwargs)
@@ -142,54 +148,31 @@ def _build(name: str, dest: Path) -> None:
     model_cls = getattr(transformers, spec["architecture"])
     torch.manual_seed(SEED)
     model = model_cls(config).to(torch.float32)
+    if spec["task"] == "seq2seq":
+        # T5's output layer is its input embedding (tied, not rescaled Flan-style), initialised N(0, 1):
+        # logits with a std near 8 would make the random twin sample one token forever. Pretrained
+        # embeddings are far smaller; d_model**-0.5 gives logits of std ~1, so sampling varies.
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, config.d_model ** -0.5)
     model.save_pretrained(str(dest))
-    for f in TOKENIZER_DIR.iterdir():
-        if f.is_file():
-            shutil.copyfile(f, dest / f.name)
+    if spec["tokenizer"] == "shipped":
+        for f in TOKENIZER_DIR.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, dest / f.name)
+        return
+    tok, specials = _tokenizer(name)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1024, **specials).save_pretrained(dest)
 
 
 def materialize(name: str, root: Path | None = None) -> Path:
     """Build tiny model `name` under `root / name` once and return that directory.
 
-    Later calls only check the marker (no torch import). The build goes to a temp dir in
-    the same parent and is moved in with `os.replace`, so a crash never leaves a half
-    model behind and two racing processes both end up with one complete copy.
-    """
+    Later calls only check the marker (no torch import); see `store.install` for the atomic build."""
     if name not in TINY_MODELS:
         from llmtune.errors import ConfigError, hint
 
         raise ConfigError(f"unknown tiny model '{name}'{hint(name, TINY_MODELS)}")
     root = Path(root).expanduser() if root is not None else default_root()
-    dest = root / name
-    fingerprint = _fingerprint(name)
-    if _is_complete(dest, name, fingerprint):
-        return dest
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache may be shared between users
-        _build(name, tmp)
-        marker = {
-            "llmtune_tiny": name,
-            "fingerprint": fingerprint,
-            "architecture": TINY_MODELS[name]["architecture"],
-        }
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        if dest.exists() and not _is_complete(dest, name, fingerprint):
-            # Stale or partial: move it aside first (os.replace cannot overwrite a non-empty dir).
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
-            try:
-                os.replace(dest, old / name)
-            except FileNotFoundError:
-                pass  # another process moved it already
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            # Lost a race: another process installed its (identical) build first.
-            if not _is_complete(dest, name, fingerprint):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    marker = {"llmtune_tiny": name, "fingerprint": _fingerprint(name),
+              "architecture": TINY_MODELS[name]["architecture"]}
+    return install(root / name, MARKER_FILE, marker, lambda tmp: _build(name, tmp))

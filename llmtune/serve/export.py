@@ -37,7 +37,7 @@ def _head(spec: ModelSpec) -> str:
 
 
 def _loader(head: str, pooling: str | None) -> tuple[str, str, str]:
-    """(import line, class, load method) that rebuilds this kind of model outside llmtune."""
+    """(import line, class, load method) that rebuilds this kind of model's base outside llmtune."""
     if head == "classifier" and pooling == "mean":  # our mean-pooled reward head (modeling/pooling.py)
         return "from llmtune.modeling.pooling import MeanPooledClassifier", "MeanPooledClassifier", "load"
     return f"from transformers import {AUTO[head]}", AUTO[head], "from_pretrained"
@@ -82,7 +82,7 @@ def _export_merged(spec: ModelSpec, head: str, out: Path) -> dict[str, Any]:
 def _export_adapter(spec: ModelSpec, src: Path, head: str, out: Path) -> dict[str, Any]:
     assert spec.base is not None
     shutil.copytree(src, out, dirs_exist_ok=True)
-    base = spec.base.location()
+    base = spec.base.hub_ref()  # portable: never a path into this machine's model store
     cfg_path = out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = base
@@ -94,19 +94,20 @@ def _export_adapter(spec: ModelSpec, src: Path, head: str, out: Path) -> dict[st
 
 
 def _readme_merged(head: str, pooling: str | None, out: Path) -> str:
-    imp, cls, load = _loader(head, pooling)
-    how = "llmtune's mean-pooled reward head (a transformers PreTrainedModel)" if cls == "MeanPooledClassifier" \
+    # A mean-pooled reward model carries its modelling code (pooling.py, auto_map): plain transformers
+    # loads it with trust_remote_code=True and refuses it without.
+    remote = head == "classifier" and pooling == "mean"
+    how = "plain transformers (its mean-pooled reward head ships as pooling.py: trust_remote_code=True)" if remote \
         else "plain transformers"
     return f"""# Exported llmtune model
 
 A standalone model (LoRA adapters, if any, merged into the weights). Load it with {how}:
 
 ```python
-from transformers import AutoTokenizer
-{imp}
+from transformers import AutoTokenizer, {AUTO[head]}
 
 tok = AutoTokenizer.from_pretrained("{out}")
-model = {cls}.{load}("{out}")
+model = {AUTO[head]}.from_pretrained("{out}"{", trust_remote_code=True" if remote else ""})
 ```
 
 The tokenizer carries the chat template the model was trained with, so
@@ -135,6 +136,9 @@ base = {cls}.{load}("{base}"{", num_labels=1" if head == "classifier" else ""})
 model = PeftModel.from_pretrained(base, "{out}")
 model = model.merge_and_unload()  # optional: fold the adapter into the weights
 ```
+
+`{base}` is a hub id, an llmtune registry name or a file, so this directory works on any machine; for a
+registry name, `llmtune models fetch {base}` prints the local directory to load instead.
 {chain_note}
 Or get a merged standalone model directly: `llmtune export RUN_DIR --out DIR --merge`.
 """

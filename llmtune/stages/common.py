@@ -221,9 +221,31 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
+def show_answers(model: Any, tok: Any, spec: ModelSpec, recipe: Recipe, ctx: Context, when: str) -> None:
+    """The model's greedy answers to `answers.prompts`, printed and appended to answers.jsonl (rank 0),
+    so a run shows what tuning changed."""
+    if not recipe.answers.prompts or not ctx.run.main:
+        return
+    from llmtune.config.schema import GenerationSection
+    from llmtune.data.templates import ChatTemplate
+    from llmtune.modeling.generate import generate
+
+    prompts = [[{"role": "user", "content": p}] for p in recipe.answers.prompts]
+    gen = GenerationSection(max_new_tokens=recipe.answers.max_new_tokens, do_sample=False)
+    answers = generate(model, tok, ChatTemplate.get(spec.template), spec.kind or "causal", prompts, gen,
+                       max_prompt_length=recipe.data.max_length)
+    rows = [{"when": when, "prompt": p, "answer": a[0]} for p, a in zip(recipe.answers.prompts, answers)]
+    ctx.run.append_jsonl("answers.jsonl", rows)
+    lines = [f"answers {when} training ({spec.name}):"]
+    for row in rows:
+        lines += [f"  Q: {row['prompt']}", "  A: " + row["answer"].replace("\n", "\n     ")]
+    print("\n".join(lines), flush=True)
+
+
 def finish(trainer: Any, tok: Any, spec: ModelSpec, recipe: Recipe, ctx: Context, head: str,
            summary: dict[str, Any]) -> dict[str, Any]:
-    """Save the final model (not on interrupt: the checkpoint is the resumable state)."""
+    """Save the final model (not on interrupt: the checkpoint is the resumable state), then show its
+    answers (`answers.prompts`)."""
     if ctx.stop:
         saved = ctx.run.checkpoints / f"checkpoint-{trainer.state.global_step}"
         trainer.save_model(str(saved))
@@ -239,6 +261,8 @@ def finish(trainer: Any, tok: Any, spec: ModelSpec, recipe: Recipe, ctx: Context
 
         model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
         save_model(model, tok, ctx.run.model_dir, spec, recipe, head, state_dict=state)
+        if head != "classifier":
+            show_answers(model, tok, spec, recipe, ctx, "after")
     return summary
 
 

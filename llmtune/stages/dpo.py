@@ -19,7 +19,7 @@ from llmtune.config.schema import Recipe
 from llmtune.data.templates import ChatTemplate, fit_pair, reply_text, token_ids
 from llmtune.modeling.load import load_for_training
 from llmtune.modeling.reference import frozen_copy
-from llmtune.stages.common import Context, data_rows, finish, run_trainer, training_args
+from llmtune.stages.common import Context, data_rows, finish, run_trainer, show_answers, training_args
 from llmtune.stages.seq2seq_dpo import build_seq2seq_trainer
 
 SHAPE = "preference"
@@ -114,6 +114,8 @@ def last_logged(history: list[dict[str, Any]], keys: tuple[str, ...] | list[str]
 
 def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     trainer, tok, spec, counts = build_trainer(recipe, ctx)
+    if not ctx.resume:
+        show_answers(trainer.model, tok, spec, recipe, ctx, "before")
     summary = run_trainer(trainer, ctx)
     summary.update(counts)
     keys = [*REWARD_METRICS, "eval_loss", *(f"eval_{k}" for k in REWARD_METRICS)]

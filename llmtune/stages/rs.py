@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from statistics import fmean
@@ -35,7 +36,7 @@ import torch
 
 from llmtune.config.schema import Recipe, RsSection
 from llmtune.data.templates import ChatTemplate, Message, encode_prompt_response
-from llmtune.errors import ConfigError, DataError
+from llmtune.errors import ConfigError, DataError, LLMTuneError
 from llmtune.modeling.generate import generate
 from llmtune.modeling.load import device, load_for_training, save_model
 from llmtune.rewards import RewardSource, build_reward, reward_stats
@@ -83,11 +84,12 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
         if ctx.stop:
             return summary
         kept, bar, pct = select(samples, rs, rd.k)
-        best = [max(s["scores"]) for s in samples]
-        stats = {"reward_mean": fmean(x for s in samples for x in s["scores"]), "reward_best_mean": fmean(best),
-                 "kept": len(kept), "threshold_used": bar}
+        stats = {**score_stats(samples), "kept": len(kept), "threshold_used": bar}
         if pct is not None:
             stats["percentile_used"] = pct
+        if stats["nonfinite_scores"]:
+            log.warning("round %d: %d of %d scores were NaN or infinite and were dropped", rd.k,
+                        stats["nonfinite_scores"], len(samples) * rs.num_samples)
         if not rd.kept_file.exists():  # fresh selection (on resume it was logged already)
             ctx.run.append_jsonl(rd.rel("kept.jsonl"), kept)
             ctx.run.log_metrics(steps, {"round": rd.k, **stats, **reward_stats(reward)})
@@ -206,9 +208,18 @@ def select(samples: list[dict[str, Any]], rs: RsSection, k: int) -> tuple[list[d
     """(kept rows, score bar used, percentile used): the best response per prompt, if it clears the bar.
 
     The bar is the highest of `threshold` and the round's percentile of best-per-prompt scores
-    (so percentile 30 drops the 30% weakest prompts); without either, the lowest best score."""
-    best = [int(np.argmax(s["scores"])) for s in samples]
-    best_scores = [s["scores"][i] for s, i in zip(samples, best)]
+    (so percentile 30 drops the 30% weakest prompts); without either, the lowest best score.
+    Non-finite scores (a reward source's NaN or inf) are never picked nor counted in the bar; a
+    prompt with no finite score keeps nothing. Every score non-finite is an error, not an empty round."""
+    best: list[tuple[dict[str, Any], int, float]] = []
+    for s in samples:
+        finite = [(i, x) for i, x in enumerate(s["scores"]) if math.isfinite(x)]
+        if finite:
+            best.append((s, *max(finite, key=lambda t: t[1])))
+    if samples and not best:
+        raise LLMTuneError(f"reward: every score of round {k} is NaN or infinite ({sum(len(s['scores']) for s in samples)} "
+                           "responses): the reward source is broken")
+    best_scores = [score for _, _, score in best]
     bars = [rs.threshold] if rs.threshold is not None else []
     pct = None
     if rs.percentile is not None:
@@ -216,8 +227,16 @@ def select(samples: list[dict[str, Any]], rs: RsSection, k: int) -> tuple[list[d
         bars.append(float(np.percentile(best_scores, pct)))
     bar = max(bars) if bars else min(best_scores)
     kept = [{"index": s["index"], "prompt": s["prompt"], "response": s["responses"][i], "score": score}
-            for s, i, score in zip(samples, best, best_scores) if score >= bar]
+            for s, i, score in best if score >= bar]
     return kept, bar, pct
+
+
+def score_stats(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A round's reward mean and best-of-n mean over finite scores, and how many were not finite."""
+    scores = [x for s in samples for x in s["scores"]]
+    finite = [x for x in scores if math.isfinite(x)]
+    best = [max(f) for s in samples if (f := [x for x in s["scores"] if math.isfinite(x)])]
+    return {"reward_mean": fmean(finite), "reward_best_mean": fmean(best), "nonfinite_scores": len(scores) - len(finite)}
 
 
 def fine_tune(model: Any, tok: Any, template: ChatTemplate, kind: str, kept: list[dict[str, Any]],

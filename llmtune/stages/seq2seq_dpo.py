@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from llmtune.config.schema import Recipe
-from llmtune.data.templates import IGNORE, ChatTemplate, fit_pair, reply_text, token_ids
+from llmtune.data.templates import IGNORE, ChatTemplate, encoder_ids, fit_pair, reply_text, token_ids
 from llmtune.modeling.batch import pad_batch, pad_ids
 from llmtune.modeling.reference import disable_dropout, frozen_copy
 from llmtune.stages.common import Context, to_dataset, training_args
@@ -35,7 +35,7 @@ def encode_seq2seq_pair(tok: Any, template: ChatTemplate, row: dict[str, Any], m
         text = reply[0]["content"] if len(reply) == 1 else reply_text(template, reply, "", "").strip()
         return token_ids(tok, text) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
 
-    prompt, (chosen, rejected) = fit_pair(token_ids(tok, template.render_prompt(row["prompt"], bos, eos)),
+    prompt, (chosen, rejected) = fit_pair(encoder_ids(tok, template.render_prompt(row["prompt"], bos, eos)),
                                           [target(row["chosen"]), target(row["rejected"])],
                                           max_length, max_prompt_length, None)
     return {"input_ids": prompt, "chosen_labels": chosen, "rejected_labels": rejected}

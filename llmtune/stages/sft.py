@@ -13,7 +13,15 @@ from typing import Any
 from llmtune.config.schema import Recipe
 from llmtune.data.templates import IGNORE, ChatTemplate, encode_sft_causal, encode_sft_seq2seq
 from llmtune.modeling.load import load_for_training
-from llmtune.stages.common import Context, data_rows, finish, run_trainer, to_dataset, training_args
+from llmtune.stages.common import (
+    Context,
+    data_rows,
+    finish,
+    run_trainer,
+    show_answers,
+    to_dataset,
+    training_args,
+)
 
 SHAPE = "sft"
 
@@ -30,6 +38,8 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
     train_ds = to_dataset(train_rows, encode, "tokenising train")
     eval_ds = to_dataset(eval_rows, encode, "tokenising eval") if eval_rows else None
     trainer = sft_trainer(recipe, ctx, model, tok, spec.kind, train_ds, eval_ds)
+    if not ctx.resume:
+        show_answers(trainer.model, tok, spec, recipe, ctx, "before")
     summary = run_trainer(trainer, ctx)
     summary.update(train_rows=len(train_rows), eval_rows=len(eval_rows))
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]

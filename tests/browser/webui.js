@@ -1,5 +1,5 @@
 // Drives the llmtune web UI like a person would, in Debian's chromium through playwright-core:
-// load the quickstart recipe, lower max_steps in the form, launch it, wait for completion with the
+// load the tiny SFT recipe, lower max_steps in the form, launch it, wait for completion with the
 // loss plot drawn, chat with two models side by side, vote, and screenshot every tab.
 // Usage: node webui.js URL SCREENSHOT_DIR RUN_NAME   (run by tests/test_webui_browser.py)
 const { chromium } = require("playwright-core");
@@ -35,8 +35,16 @@ async function main() {
     step(`open ${url}`);
     await page.goto(url, { waitUntil: "domcontentloaded" });
 
-    // Recipes: the quickstart loads on open; lower max_steps through the form.
+    // Recipes: the quickstart (SmolLM2) loads on open; pick the tiny SFT recipe instead (a CPU-quick
+    // run), then lower max_steps through the form.
     const yaml = page.locator("#recipe-yaml");
+    await yaml.getByText("smollm2-135m-instruct").first().waitFor();
+    const pick = page.locator("#recipe-pick input");
+    await pick.click();
+    await pick.fill("shipped/sft-tiny.yaml");
+    await pick.press("Enter");
+    await page.keyboard.press("Escape");
+    await page.locator("#load-recipe").click();
     await yaml.getByText("tiny-llama").first().waitFor();
     const maxSteps = page.locator("#max-steps input");
     await maxSteps.fill("10");

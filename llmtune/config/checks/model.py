@@ -3,6 +3,7 @@ and the fine-tuning method fits this machine and the stage."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmtune.config.checks.device import cuda_present, missing_package
@@ -14,13 +15,13 @@ if TYPE_CHECKING:
 
 
 def resolve(name: str, where: str, errors: list[str], pending: frozenset[str],
-            template: str | None = None) -> ModelSpec | None:
+            template: str | None = None, gguf_file: str | None = None) -> ModelSpec | None:
     """The spec of a model reference, or None with the reason appended to `errors` (also None for
     a run directory an earlier pipeline stage will create: nothing to look at yet)."""
     if name in pending:
         return None
     try:
-        return resolve_model(name, template=template)
+        return resolve_model(name, template=template, gguf_file=gguf_file)
     except ConfigError as exc:
         errors.append(f"{where}: {exc}")
         return None
@@ -33,7 +34,16 @@ def check_model(recipe: Recipe, errors: list[str], device_checks: bool, pending:
     if template is not None and template not in templates():
         errors.append(f"model.template: unknown chat template '{template}'" + hint(template, templates()))
         template = None
-    spec = resolve(m.name, "model.name", errors, pending, template)
+    if m.gguf_file and Path(m.gguf_file).name != m.gguf_file:
+        errors.append(f"model.gguf_file: '{m.gguf_file}' must be a file name inside the directory model.name, "
+                      "not a path")
+        spec = None
+    elif m.gguf_file and not Path(m.name).expanduser().is_dir():
+        errors.append(f"model.gguf_file: names a file inside the directory model.name, but '{m.name}' is not a "
+                      "local directory (give the .gguf path as model.name instead)")
+        spec = None
+    else:
+        spec = resolve(m.name, "model.name", errors, pending, template, m.gguf_file)
     if m.finetuning == "qlora" and device_checks:
         if not cuda_present():
             errors.append("model.finetuning: qlora needs a CUDA GPU (bitsandbytes 4-bit); none is visible here. "

@@ -22,6 +22,11 @@ def check_stage(recipe: Recipe, spec: ModelSpec | None, errors: list[str], pendi
     if recipe.stage in ("rs", "ppo") and recipe.reward is None:
         errors.append(f"reward: stage '{recipe.stage}' needs a reward source (type: reward_model, classifier, "
                       "judge, rule or mix)")
+    if recipe.answers.prompts:
+        if recipe.stage not in ("sft", "dpo"):
+            errors.append(f"answers.prompts: shown by stages sft and dpo, not '{recipe.stage}'")
+        if recipe.distributed.strategy == "deepspeed" and recipe.distributed.zero_stage == 3:
+            errors.append("answers.prompts: not with ZeRO-3 (rank 0 alone cannot generate from sharded weights)")
     check = STAGE_CHECKS.get(recipe.stage)
     if check is not None:
         check(recipe, spec, errors, pending)
@@ -52,6 +57,12 @@ def check_rs(recipe: Recipe, spec: ModelSpec | None, errors: list[str], pending:
 
 def check_ppo(recipe: Recipe, spec: ModelSpec | None, errors: list[str], pending: frozenset[str]) -> None:
     p, t = recipe.ppo, recipe.training
+    if recipe.distributed.strategy == "deepspeed":
+        # Our accelerate loop saves full parameters and does not gather ZeRO-partitioned ones (ZeRO-3
+        # would save empty weights).
+        errors.append("distributed.strategy: stage ppo does not support deepspeed (its checkpoints and final model "
+                      "would not gather ZeRO-partitioned weights); use strategy: ddp, with finetuning: lora or qlora "
+                      "to fit large models")
     if p.rollout_batch_size % p.mini_batch_size:
         errors.append(f"ppo.mini_batch_size: {p.mini_batch_size} must divide ppo.rollout_batch_size "
                       f"({p.rollout_batch_size})")
