@@ -18,7 +18,7 @@ import torch
 
 from llmtune.config.schema import GenerationSection
 from llmtune.data.templates import ChatTemplate, Message
-from llmtune.modeling.generate import batch_prompts, cut_at_stop, generation_kwargs, stop_kwargs
+from llmtune.modeling.generate import sample as generate_samples
 from llmtune.ppo.core import entropy_from_logits, logprobs_from_logits
 
 
@@ -41,57 +41,13 @@ class Rollout:
                        self.response_ids[t], self.response_mask[t], [self.texts[i] for i in idx], self.ended[t])
 
 
-def response_mask(response_ids: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask up to and including the first EOS, whether an EOS was produced) per response."""
-    if eos_id is None:
-        return torch.ones_like(response_ids), torch.zeros(len(response_ids), dtype=torch.bool,
-                                                          device=response_ids.device)
-    is_eos = response_ids == eos_id
-    ended = is_eos.any(1)
-    # Tokens strictly after the first EOS have a cumulative EOS count of 1 before them.
-    before = torch.cumsum(is_eos.long(), 1) - is_eos.long()
-    return (before == 0).long(), ended
-
-
-def cut_tokens_at_stops(tok: Any, ids: list[int], stops: tuple[str, ...]) -> tuple[int, bool]:
-    """(how many leading tokens to keep, whether a stop string was hit): the tokens before the first
-    stop string of the decoded text. A token that straddles the stop's start is dropped with it, so the
-    kept tokens decode to exactly the text the reward will see."""
-    text = tok.decode(ids, skip_special_tokens=True)
-    cut = len(cut_at_stop(text, stops))
-    if cut == len(text):
-        return len(ids), False
-    keep = 0
-    while keep < len(ids) and len(tok.decode(ids[:keep + 1], skip_special_tokens=True)) <= cut:
-        keep += 1
-    return keep, True
-
-
-@torch.no_grad()
 def sample(policy: Any, tok: Any, template: ChatTemplate, kind: str, prompts: list[list[Message]],
            gen: GenerationSection, max_prompt_length: int) -> Rollout:
-    """Generate one response per prompt with the recipe's sampling settings.
-
-    Generation stops at the template's stop strings (a hallucinated "\\n\\nHuman:" turn), and the tokens
-    and mask end before the stop: KL and the score then land only on tokens the reward saw. Only an
-    EOS counts as ending by itself; a response cut at a stop string is not waived `missing_eos_penalty`."""
-    device = next(policy.parameters()).device
-    batch = batch_prompts(tok, template, prompts, max_prompt_length, kind, device)
-    stops = tuple(s for s in template.stop if s)
-    seqs = policy.generate(**batch, **generation_kwargs(gen, tok), **stop_kwargs(tok, stops))
-    responses = seqs[:, 1:] if kind == "seq2seq" else seqs[:, batch["input_ids"].shape[1]:]
-    mask, ended = response_mask(responses, tok.eos_token_id)
-    texts = []
-    for row in range(len(responses)):
-        ids = responses[row][mask[row].bool()].tolist()
-        keep, stopped = cut_tokens_at_stops(tok, ids, stops)
-        texts.append(tok.decode(ids[:keep], skip_special_tokens=True).strip())
-        if stopped:  # the padding after a stopped row may read as EOS (pad == eos): it did not end by itself
-            # An answer that is nothing but a stop string keeps its first token: the action its score lands on.
-            mask[row, max(keep, 1):] = 0
-            ended[row] = False
-    responses = torch.where(mask.bool(), responses, torch.full_like(responses, tok.pad_token_id))
-    return Rollout(prompts, batch["input_ids"], batch["attention_mask"], responses, mask, texts, ended)
+    """One response per prompt with the recipe's sampling settings (see `modeling.generate.sample`:
+    generation stops at stop strings and the tokens and mask end there; only EOS counts as ending, so a
+    response cut at a stop string is not waived `missing_eos_penalty`)."""
+    s = generate_samples(policy, tok, template, kind, prompts, gen, max_prompt_length)
+    return Rollout(prompts, s.query_ids, s.query_mask, s.response_ids, s.response_mask, s.texts, s.ended)
 
 
 def model_inputs(r: Rollout, kind: str, decoder_start_id: int | None) -> dict[str, torch.Tensor]:
