@@ -27,7 +27,7 @@ import gradio as gr
 
 from llmtune.config.schema import STAGES
 from llmtune.errors import LLMTuneError
-from webui import evaluate, recipes, rollouts
+from webui import evaluate, plots, recipes, rollouts
 from webui.chat import ModelPool
 from webui.feedback import parse_ranking, retrain_recipe, vote_rows, written_rows
 from webui.workspace import RUN_COLUMNS, SHIPPED, Workspace
@@ -36,8 +36,6 @@ MAX_SLOTS = 4
 LETTERS = string.ascii_uppercase[:MAX_SLOTS]
 PLOT_KEYS = ("loss", "eval_loss")
 PLOT_WORDS = ("reward", "kl")  # PPO/DPO curves: rewards/chosen, objective/kl, ...
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -81,37 +79,24 @@ def validation_html(text: str) -> str:
             f"font-family:monospace'>{html.escape(text)}</div>")
 
 
-def metrics_frame(rows: list[dict[str, Any]]) -> Any:
-    """Long-format DataFrame (step, value, metric) of the curves worth plotting; None before any."""
-    points = [(r["step"], float(v), k) for r in rows for k, v in r.items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool)
-              and (k in PLOT_KEYS or any(w in k for w in PLOT_WORDS))]
-    return frame(points, "metric")
+def metric_points(rows: list[dict[str, Any]]) -> list[tuple[Any, float, str]]:
+    """(step, value, metric) of the curves worth plotting."""
+    return [(r["step"], float(v), k) for r in rows for k, v in r.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (k in PLOT_KEYS or any(w in k for w in PLOT_WORDS))]
 
 
-def frame(points: list[tuple[Any, float, str]], series: str) -> Any:
-    import pandas as pd
-
-    return pd.DataFrame(points, columns=["step", "value", series]) if points else None
-
-
-def plot_update(data: Any, series: str = "metric") -> Any:
-    """A plot's new value. The colour map names exactly the series present, so a series that appears
-    later (eval_loss after the first evaluation) re-draws the legend instead of staying invisible;
-    before the first point the plot is hidden rather than an empty box."""
-    if data is None:
-        return gr.LinePlot(value=None, visible=False)
-    names = list(dict.fromkeys(data[series]))
-    return gr.LinePlot(value=data, visible=True, color_map={n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)})
+def curves_html(rows: list[dict[str, Any]]) -> str:
+    return plots.chart(metric_points(rows), "Training curves", "loss-chart",
+                       "no metrics logged yet: the curves appear with the first logged step")
 
 
-def progress_html(row: Any, has_points: bool) -> str:
+def progress_html(row: Any) -> str:
     step, total = row.step or 0, row.max_steps
     bar = f'<progress value="{step}" max="{total}"></progress>' if total else "<progress></progress>"
     label = f"{step}/{total} steps" if total else f"step {step}"
-    waiting = "" if has_points else " <i>(no metrics logged yet: the curves appear with the first logged step)</i>"
     return (f'<div id="run-progress" data-status="{html.escape(row.status)}" data-step="{step}" '
-            f'data-total="{total or ""}">{bar} <b>{html.escape(row.status)}</b> {label}{waiting}</div>')
+            f'data-total="{total or ""}">{bar} <b>{html.escape(row.status)}</b> {label}</div>')
 
 
 def default_run_name(prefix: str = "run") -> str:
@@ -191,17 +176,16 @@ class App:
 
     def run_status(self, name: str | None) -> tuple[str, Any, str, dict[str, Any]]:
         if not name:
-            return "", plot_update(None), "", {}
+            return "", "", "", {}
         path = self.ws.run_path(name)
         if not path.is_dir():
-            return "", plot_update(None), "", {"error": f"no run named {name}"}
+            return "", "", "", {"error": f"no run named {name}"}
         row = self.ws.run_row(path)
         from llmtune.runs.rundir import RunDir
 
-        data = metrics_frame(self.ws.metrics(name))
         details = {**vars(row), "run_json": RunDir(path).info(), "parent": self.ws.parent_of(name),
                    "feedback_snapshot": self.ws.snapshot_of(name)}
-        return progress_html(row, data is not None), plot_update(data), self.ws.log_tail(name), details
+        return progress_html(row), curves_html(self.ws.metrics(name)), self.ws.log_tail(name), details
 
     def tick(self, name: str | None) -> tuple[Any, ...]:
         """The timer's refresh; a bad run name shows in the details instead of a toast every 2 s."""
@@ -209,7 +193,7 @@ class App:
         try:
             status = self.run_status(name)
         except LLMTuneError as exc:
-            status = ("", plot_update(None), "", {"error": str(exc)})
+            status = ("", "", "", {"error": str(exc)})
         return (self.runs_table(), gr.Dropdown(choices=names), *status)
 
     def stop(self, name: str) -> str:
@@ -264,8 +248,8 @@ class App:
         metrics = self.ws.metrics(name) if name else []
         charts = rollouts.curves(metrics, samples)
         return (pd.DataFrame(rows, columns=headers), gr.Dropdown(choices=rollouts.steps(samples)),
-                f"{len(rows)} of {len(samples)} samples", *(plot_update(frame(charts[c], "series"), "series")
-                                                            for c in rollouts.CHARTS))
+                f"{len(rows)} of {len(samples)} samples",
+                *(plots.chart(charts[key], title, f"rollout-chart-{key}") for key, title in rollouts.CHARTS_TITLES))
 
     def pick_sample(self, a: str, b: str, evt: gr.SelectData) -> tuple[str, str]:
         """A click on a table row fills A, then B (a third click starts a new pair)."""
@@ -506,8 +490,7 @@ def build(ws: Workspace) -> gr.Blocks:
                 run_msg = gr.Markdown(elem_id="run-msg")
                 lineage = gr.Markdown(elem_id="run-lineage")
                 progress = gr.HTML(elem_id="progress-box")
-                plot = gr.LinePlot(x="step", y="value", color="metric", title="Training curves", height=300,
-                                   elem_id="loss-plot", visible=False)
+                plot = gr.HTML(elem_id="loss-plot")
                 log_box = gr.Textbox(label="Log (console.log, or train.log of a run started from a shell)", lines=14,
                                      max_lines=14, autoscroll=True, interactive=False, elem_id="run-log")
                 with gr.Accordion("Run details (JSON)", open=False):
@@ -546,11 +529,7 @@ def build(ws: Workspace) -> gr.Blocks:
                 with gr.Row():
                     r_msg = gr.Markdown(elem_id="label-msg")
                     r_train = gr.Button("Train on this feedback →", variant="primary", elem_id="train-on-feedback")
-                with gr.Row():
-                    r_plots = [gr.LinePlot(x="step", y="value", color="series", title=title, height=240,
-                                           elem_id=f"rollout-plot-{key}", visible=False)
-                               for key, title in (("reward", "Reward and judge / eval scores"),
-                                                  ("length", "Response length"), ("kl", "KL to the reference"))]
+                r_plots = [gr.HTML(elem_id=f"rollout-plot-{key}") for key, _ in rollouts.CHARTS_TITLES]
 
             # ---------------------------------------------------------------- Chat & compare
             with gr.Tab("Chat & compare", id="chat") as chat_tab:

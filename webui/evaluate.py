@@ -64,6 +64,8 @@ def compare_models(ws: Workspace, refs: dict[str, str], prompts_source: str, jud
         table.append(row)
     summary = {k: v for k, v in result.to_summary().items() if v is not None}
     summary["models"] = {name: _shown(ws, ref) for name, ref in result.models.items()}  # no absolute paths
+    if judge:
+        summary["judge"] = _shown(ws, judge)
     summary["out"] = ws.relative(out)
     return table, headers, summary
 

@@ -88,7 +88,7 @@ model:
   name: {model}
   finetuning: lora          # {"the reference is the start model with the adapter switched off" if stage == "dpo" else "a score head and adapters on the start model"}
 data:
-  path: {snapshot['path']}
+  path: {snapshot['file']}
   format: canonical
   max_length: 128
 training:

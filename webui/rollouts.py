@@ -19,8 +19,10 @@ from webui.evaluate import conversation
 from webui.feedback import preference_row
 
 BASE_COLUMNS = ["id", "step", "prompt", "response", "reward", "chars"]
-HIDDEN = {"id", "source", "step", "round", "prompt", "response", "reward", "index", "candidate"}
+HIDDEN = {"id", "source", "step", "prompt", "response", "reward", "index", "candidate"}
 CHARTS = {"reward": ("reward", "score", "judge"), "length": ("length",), "kl": ("kl",)}
+CHARTS_TITLES = (("reward", "Reward and judge / eval scores"), ("length", "Response length"),
+                 ("kl", "KL to the reference"))
 SORTS = ["oldest first", "reward: high to low", "reward: low to high", "length: long to short", "step: newest first"]
 
 
@@ -29,7 +31,7 @@ def extra_columns(samples: list[dict[str, Any]]) -> list[str]:
     found: dict[str, None] = {}
     for s in samples:
         for k, v in s.items():
-            if k not in HIDDEN and (v is None or isinstance(v, (int, float, str, bool))):
+            if k not in HIDDEN and v is not None and isinstance(v, (int, float, str, bool)):
                 found.setdefault(k, None)
     return list(found)
 

@@ -43,7 +43,6 @@ import yaml
 from llmtune.config.confine import RULE_MODULES, Confinement
 from llmtune.config.load import RECIPES_DIR, load_text, recipe_from_dict
 from llmtune.config.schema import Recipe
-from llmtune.data.registry import registry_file as package_registry
 from llmtune.errors import ConfigError
 from llmtune.runs.lock import describe
 from llmtune.runs.lock import holder as lock_holder
@@ -135,9 +134,6 @@ class Workspace:
         self.policy = Confinement(self.root, (*RULE_MODULES, *rule_modules))
         for sub in ("recipes", "runs", "feedback"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        if self.registry_file.resolve() == package_registry().resolve():  # a workspace inside the package
-            raise ConfigError(f"workspace: {self.root} would make llmtune's own data registry the feedback "
-                              "registry; choose another --workspace")
 
     def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
         """The UI's lock NAME, kept in WORKSPACE/.llmtune/locks/ (never beside a recipe or dataset)."""
@@ -449,7 +445,7 @@ class Workspace:
                     return known
             name = f"feedback-{time.strftime('%Y%m%d-%H%M%S')}-{digest[:8]}"
             self.snapshots_dir.mkdir(parents=True, exist_ok=True)
-            manifest = {"name": name, "path": f"feedback/snapshots/{name}.jsonl",
+            manifest = {"name": name, "file": f"feedback/snapshots/{name}.jsonl",
                         "count": count, "ties": _count_lines(self.ties_file), "sha256": digest,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": self.relative(self.preferences_file)}
             (self.snapshots_dir / f"{name}.jsonl").write_bytes(data)

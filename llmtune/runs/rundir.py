@@ -3,7 +3,7 @@
     <run>/recipe.yaml      resolved recipe (what actually ran)
     <run>/run.json         status (running|completed|interrupted|failed), signal, times, seed, pid, host,
                            provenance: recipe_sha256, versions (python, libraries, llmtune + git commit),
-                           data (path, sha256, bytes, rows, modified of each local data file)
+                           data (file, sha256, bytes, rows, modified of each local data file)
     <run>/metrics.jsonl    one JSON object per logging step: {"step": N, "loss": ..., ...}
     <run>/metrics.<time>.jsonl  the curve of an attempt that restarted from step 0 (kept, never mixed in)
     <run>/checkpoints/     checkpoint-N/ (resumable)
@@ -96,7 +96,7 @@ def data_record(path: Path) -> dict[str, Any]:
                 digest.update(chunk)
                 size += len(chunk)
                 rows += chunk.count(b"\n") if file.name.endswith(".jsonl") else 0
-    record: dict[str, Any] = {"path": str(path), "sha256": digest.hexdigest(), "bytes": size,
+    record: dict[str, Any] = {"file": str(path), "sha256": digest.hexdigest(), "bytes": size,
                               "modified": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(path.stat().st_mtime))}
     if rows:
         record["rows"] = rows
