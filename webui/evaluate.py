@@ -52,22 +52,29 @@ def compare_models(ws: Workspace, refs: dict[str, str], prompts_source: str, jud
     settings = Settings(max_new_tokens=max_new_tokens, temperature=temperature)
     models = [f"{name}={ref}" for name, ref in refs.items()]
     result = compare(models, prompts, settings, seed=seed, judge=judge, out=out, log=lambda _msg: None)
-    names = list(result.models)
-    headers = ["prompt"] + [h for m in names for h in ([m, f"{m} score"] if result.scores else [m])]
-    table = []
-    for i, prompt in enumerate(prompts):
-        row: list[Any] = [conversation(prompt)]
-        for m in names:
-            row.append(result.responses[m][i] if result.responses[m][i].strip() else EMPTY)
-            if result.scores:
-                row.append(round(result.scores[m][i], 4))
-        table.append(row)
+    headers, table = answer_table(result)
     summary = {k: v for k, v in result.to_summary().items() if v is not None}
     summary["models"] = {name: _shown(ws, ref) for name, ref in result.models.items()}  # no absolute paths
     if judge:
         summary["judge"] = _shown(ws, judge)
     summary["out"] = ws.relative(out)
     return table, headers, summary
+
+
+def answer_table(result: Any) -> tuple[list[str], list[list[Any]]]:
+    """(headers, rows) of a comparison: the whole prompt conversation, then each model's answer (EMPTY
+    when it said nothing, never a blank cell) and its judge score."""
+    names = list(result.models)
+    headers = ["prompt"] + [h for m in names for h in ([m, f"{m} score"] if result.scores else [m])]
+    table = []
+    for i, prompt in enumerate(result.prompts):
+        row: list[Any] = [conversation(prompt)]
+        for m in names:
+            row.append(result.responses[m][i] if result.responses[m][i].strip() else EMPTY)
+            if result.scores:
+                row.append(round(result.scores[m][i], 4))
+        table.append(row)
+    return headers, table
 
 
 def _shown(ws: Workspace, ref: str) -> str:
