@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -441,7 +442,7 @@ def test_form_edits_keep_the_users_text_and_a_cleared_field_removes_its_key(clie
     assert client.predict(cleared, api_name="/validate_recipe") == "ok: recipe (stage sft, model tiny-llama)"
     # A changed value is written where the key is; untouched numbers keep their spelling.
     lr = client.predict(COMMENTED, *[*form[:4], 0.001, *form[5:]], api_name="/apply_form")
-    assert "  learning_rate: 0.001   # as the user wrote it\n" in lr and "  epochs: 4\n" in lr
+    assert re.search(r"\n  learning_rate: 0.001 +# as the user wrote it\n", lr) and "  epochs: 4\n" in lr
     assert client.predict(COMMENTED, *form, api_name="/apply_form").rstrip("\n") == COMMENTED.rstrip("\n")
 
 
@@ -490,10 +491,13 @@ def test_compare_shows_whole_conversations_marks_empty_answers_and_names_a_faili
     models = [f"runs/{quick_run}", "tiny-llama"]
     table, *_ = client.predict(models, "multi-turn.jsonl", None, 1, 4, 0, 0, api_name="/compare")
     assert table["data"][0][0] == "user: Name a fruit.\nassistant: Apple.\nuser: Another one?"
-    # A judge that raises gets its own message, not gradio's "upstream app has raised an exception".
-    message = app_error(lambda: client.predict(models, "demo", "rule:llmtune.rewards.rules:_words", 1, 4, 0, 0,
-                                               api_name="/compare"))
-    assert "reward function llmtune.rewards.rules:_words failed: TypeError" in message
+    # A judge that raises while scoring gets its own message, not gradio's "upstream app has raised an
+    # exception": here a rule whose kwargs only fail when it runs.
+    (server.workspace / "judge.yaml").write_text(
+        "reward: {type: rule, function: 'llmtune.rewards.rules:target_length', kwargs: {unit: bytes}}\n")
+    message = app_error(lambda: client.predict(models, "demo", "judge.yaml", 1, 4, 0, 0, api_name="/compare"))
+    assert ("reward function llmtune.rewards.rules:target_length failed: ValueError: unit must be 'chars' or "
+            "'words', got 'bytes'") in message
 
 
 def test_empty_answers_are_marked_and_a_judge_preferring_them_is_flagged() -> None:
@@ -512,8 +516,11 @@ def test_empty_answers_are_marked_and_a_judge_preferring_them_is_flagged() -> No
     assert "judge scores empty answers better" in summary_markdown(summary)
 
 
-def test_score_accuracy_refuses_a_model_that_is_not_a_reward_model(client: Any, quick_run: str) -> None:
-    message = app_error(lambda: client.predict(f"runs/{quick_run}", "demo", 0, api_name="/reward_accuracy"))
+def test_score_accuracy_refuses_a_model_that_is_not_a_reward_model(client: Any, server: Server, quick_run: str) -> None:
+    pair = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+            "rejected": [{"role": "assistant", "content": "Go away."}]}
+    (server.workspace / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
+    message = app_error(lambda: client.predict(f"runs/{quick_run}", "pairs.jsonl", 0, api_name="/reward_accuracy"))
     assert "is a language model (a sft run), not a reward model; train one with `stage: rm`" in message
 
 
@@ -630,3 +637,33 @@ def test_streamed_chat_answers_are_the_models_text_with_multibyte_characters_int
     chat.predict("A", api_name="/vote")
     saved = json.loads((server.workspace / "feedback" / "preferences.jsonl").read_text().splitlines()[-1])
     assert saved["chosen"][0]["content"] == shown
+
+
+def test_rollout_samples_are_read_tolerantly_and_new_fields_become_columns(tmp_path: Path) -> None:
+    """PPO rows as written today plus fields another online-RL loop may add (length, kl, eval_reward), a
+    line being written, and rejection-sampling rounds: one record per response, every field kept."""
+    from llmtune.runs.samples import read_samples
+    from webui.rollouts import curves, table
+
+    prompt = [{"role": "user", "content": "Hi"}]
+    rows = [{"step": 1, "prompt": prompt, "response": "a", "reward": 0.5, "ended": True},
+            {"step": 5, "prompt": prompt, "response": "bb", "reward": 0.7, "ended": False, "length": 3, "kl": 0.02,
+             "eval_reward": 0.1}]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "prom')
+    for k in (1, 2):
+        (tmp_path / "rs" / f"round-{k}").mkdir(parents=True)
+        (tmp_path / "rs" / f"round-{k}" / "samples.jsonl").write_text(json.dumps(
+            {"index": 0, "prompt": prompt, "responses": ["x", "yy"], "scores": [0.1, 0.9]}) + "\n")
+    (tmp_path / "rs" / "round-1" / "done.json").write_text(json.dumps({"round": 1, "global_step": 4}))
+    samples = read_samples(tmp_path)
+    assert [s["id"] for s in samples] == ["s1-0", "s5-0", "r1-p0-c0", "r1-p0-c1", "r2-p0-c0", "r2-p0-c1"]
+    assert samples[1]["kl"] == 0.02 and samples[1]["eval_reward"] == 0.1 and samples[0]["ended"] is True
+    assert [(s["step"], s["reward"]) for s in samples[2:]] == [(0, 0.1), (0, 0.9), (4, 0.1), (4, 0.9)]
+    headers, shown = table(samples, sort="reward: high to low")
+    assert headers == ["id", "step", "prompt", "response", "reward", "chars", "ended", "length", "kl",
+                       "eval_reward", "round"]
+    assert [r[0] for r in shown][:2] == ["r1-p0-c1", "r2-p0-c1"] and shown[-1][3] == "x"
+    charts = curves([{"step": 5, "reward_mean": 0.7, "kl": 0.02, "kl_coef": 0.05, "response_length": 3.0}], samples)
+    assert {name for _, _, name in charts["reward"]} == {"reward_mean", "samples: reward", "samples: eval_reward"}
+    assert {name for _, _, name in charts["kl"]} == {"kl", "samples: kl"}
+    assert {name for _, _, name in charts["length"]} == {"response_length", "samples: chars", "samples: length"}
