@@ -443,6 +443,8 @@ def test_form_edits_keep_the_users_text_and_a_cleared_field_removes_its_key(clie
     # A changed value is written where the key is; untouched numbers keep their spelling.
     lr = client.predict(COMMENTED, *[*form[:4], 0.001, *form[5:]], api_name="/apply_form")
     assert re.search(r"\n  learning_rate: 0.001 +# as the user wrote it\n", lr) and "  epochs: 4\n" in lr
+    five = client.predict(COMMENTED, *[*form[:5], 5.0, *form[6:]], api_name="/apply_form")
+    assert "  epochs: 5\n" in five  # a whole number typed into a float field stays as typed, not 5.0
     assert client.predict(COMMENTED, *form, api_name="/apply_form").rstrip("\n") == COMMENTED.rstrip("\n")
 
 

@@ -366,7 +366,7 @@ class App:
 
     def counter(self) -> str:
         prefs, ties = self.ws.feedback_counts()
-        return (f"<span id='feedback-count' data-count='{prefs}'>**{prefs}** preference pairs</span> collected "
+        return (f"**{prefs}** preference pairs collected "
                 f"(+{ties} ties) in `{self.ws.relative(self.ws.preferences_file)}`. *Train on this feedback* "
                 f"freezes them into a snapshot and opens a dpo or rm recipe on it; or name them yourself with "
                 f"`data: {{name: feedback, registry: [{self.ws.registry_file}]}}`.")
@@ -771,6 +771,11 @@ def build(ws: Workspace) -> gr.Blocks:
 def launch(workspace: str | Path, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            auth: tuple[str, str] | None = None, rule_modules: tuple[str, ...] = ()) -> None:
     """Serve the UI (blocking)."""
+    # transformers resolves its classes lazily, and two request threads doing that at once can see a
+    # half-initialised module ("cannot import name 'AutoConfig'"): resolve them here, once, first.
+    import transformers
+
+    transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM  # noqa: B018
     ws = Workspace(workspace, rule_modules)
     demo = build(ws)
     demo.queue(default_concurrency_limit=4)

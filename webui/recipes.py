@@ -86,8 +86,8 @@ def _load(text: str) -> tuple[Any, YAML]:
 def _normal(key: str, value: Any) -> Any:
     if key in INT_KEYS:
         return int(value)
-    if key in FLOAT_KEYS:
-        return float(value)
+    if key in FLOAT_KEYS:  # `4` stays `4` (YAML and the schema read it as 4.0 anyway)
+        return int(value) if float(value).is_integer() else float(value)
     return value
 
 
@@ -159,13 +159,10 @@ class RecipeHints:
     def hint(self, path: Path) -> dict[str, Any]:
         """{"where": "CPU"|"GPU"|"command line", "text": one line for the list, ...}."""
         key = (str(path), path.stat().st_mtime)
-        with self._lock:
-            cached = self._cache.get(key)
-        if cached is None:
-            cached = plan_hint(path)
-            with self._lock:
-                self._cache[key] = cached
-        return cached
+        with self._lock:  # one plan at a time: they are CPU-bound, and transformers' lazy imports race
+            if key not in self._cache:
+                self._cache[key] = plan_hint(path)
+            return self._cache[key]
 
 
 def plan_hint(path: Path) -> dict[str, Any]:

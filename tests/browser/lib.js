@@ -25,6 +25,7 @@ async function withPage(url, shots, prefix, body) {
   const page = await context.newPage();
   page.setDefaultTimeout(60_000);
   const shot = async (name) => {
+    for (const close of await page.locator(".toast-close").all()) await close.click().catch(() => {});
     await page.waitForTimeout(500); // let the last update paint
     await page.screenshot({ path: path.join(shots, `${prefix}${name}.png`), fullPage: true });
     step(`screenshot ${prefix}${name}.png`);

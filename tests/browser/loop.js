@@ -15,7 +15,7 @@ withPage(url, shots, "", async (page, shot) => {
   await waitYaml(page, (t) => t.includes("stage: rs") && t.includes("iterations: 1"), "the rs-tiny recipe");
   await waitValidation(page, "ok");
   await openTab(page, "Runs");
-  await page.locator("#run-name input").fill("rs-run");
+  await page.locator("#run-name textarea").fill("rs-run");
   await page.locator("#launch").click();
   await page.locator("#launch-msg").getByText("launched run rs-run").waitFor();
   await waitRun(page, "completed", 240_000);
@@ -39,7 +39,6 @@ withPage(url, shots, "", async (page, shot) => {
   });
   await page.locator("#label-b").click();
   await page.locator("#label-msg").getByText("better than").filter({ hasNotText: "r1-p0-c0 better" }).waitFor();
-  await page.locator("#feedback-count[data-count='2']").first().waitFor();
   await shot("rollouts");
 
   // Train on this feedback: a DPO recipe from runs/rs-run on the snapshot, opened in Recipes.
@@ -52,7 +51,7 @@ withPage(url, shots, "", async (page, shot) => {
 
   // Runs: launch it (the name is prefilled from its parent), wait, see where it comes from.
   await openTab(page, "Runs");
-  const name = await page.locator("#run-name input").inputValue();
+  const name = await page.locator("#run-name textarea").inputValue();
   if (!name.startsWith("dpo-rs-run-")) throw new Error(`run name not prefilled: ${name}`);
   await page.locator("#launch").click();
   await page.locator("#launch-msg").getByText(`launched run ${name}`).waitFor();

@@ -50,6 +50,7 @@ withPage(url, shots, "basic-", async (page, shot) => {
   await page.locator("#validation-result").getByText("training.epochs").waitFor();
   await setNumber(page, "epochs", "4");
   await waitValidation(page, "ok");
+  await waitYaml(page, (t) => /\n  epochs: 4 *\n/.test(t + "\n"), "epochs: 4 written as typed");
   await shot("recipes");
 
   // Runs: launch; the live plot draws loss, then picks up eval_loss (step 150) without reselecting the run.
@@ -80,7 +81,7 @@ withPage(url, shots, "basic-", async (page, shot) => {
   }
   await page.locator("#vote-a").click();
   await page.locator("#vote-msg").getByText("recorded").waitFor();
-  await page.locator("#feedback-count[data-count='1']").waitFor();
+  await page.locator("#feedback-counter").getByText(/^1 preference pairs collected/).waitFor();
   await shot("chat");
 
   // Evaluate: `llmtune compare` of the same two models on two held-out demo prompts.
