@@ -26,15 +26,15 @@ withPage(url, shots, "", async (page, shot) => {
   await page.locator("#rollout-count").getByText("24 of 24 samples").waitFor();
   await page.locator("#rollout-chart-reward svg").getByText("samples: reward").waitFor();
   await page.locator("#rollout-table").getByText("r1-p0-c0", { exact: true }).last().click();
-  await page.waitForFunction(() => document.querySelector("#pick-a input")?.value === "r1-p0-c0");
+  await page.waitForFunction(() => document.querySelector("#pick-a textarea")?.value === "r1-p0-c0");
   await page.locator("#rollout-table").getByText("r1-p0-c1", { exact: true }).last().click();
-  await page.waitForFunction(() => document.querySelector("#pick-b input")?.value === "r1-p0-c1");
+  await page.waitForFunction(() => document.querySelector("#pick-b textarea")?.value === "r1-p0-c1");
   await page.locator("#rollout-pair [data-slot='B'][data-id='r1-p0-c1']").waitFor();
   await page.locator("#label-a").click();
   await page.locator("#label-msg").getByText("labelled r1-p0-c0 better than r1-p0-c1").waitFor();
   await page.locator("#suggest-pair").click();
   await page.waitForFunction(() => {
-    const a = document.querySelector("#pick-a input")?.value;
+    const a = document.querySelector("#pick-a textarea")?.value;
     return a && a !== "r1-p0-c0";
   });
   await page.locator("#label-b").click();
