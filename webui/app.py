@@ -194,7 +194,7 @@ class App:
             status = self.run_status(name)
         except LLMTuneError as exc:
             status = ("", "", "", {"error": str(exc)})
-        return (self.runs_table(), gr.Dropdown(choices=names), *status)
+        return (self.runs_table(), gr.Dropdown(choices=names), *status, self.lineage(name))
 
     def stop(self, name: str) -> str:
         return self.ws.stop(name)
@@ -682,7 +682,7 @@ def build(ws: Workspace) -> gr.Blocks:
         status_out = [progress, plot, log_box, details]
         run_pick.change(guarded(app.run_status), [run_pick], status_out, api_name="run_status",
                         show_progress_on=[run_msg]).then(app.lineage, [run_pick], [lineage], show_progress="hidden")
-        timer.tick(app.tick, [run_pick], [runs_df, run_pick, *status_out], api_visibility="private",
+        timer.tick(app.tick, [run_pick], [runs_df, run_pick, *status_out, lineage], api_visibility="private",
                    show_progress="hidden")
         stop_btn.click(guarded(app.stop), [run_pick], [run_msg], api_name="stop_run")
         resume_btn.click(guarded(app.resume), [run_pick], [run_msg], api_name="resume_run")
