@@ -614,12 +614,11 @@ def build(ws: Workspace) -> gr.Blocks:
                     e_seed = gr.Number(value=0, precision=0, label="seed", scale=1)
                 e_btn = gr.Button("Compare", variant="primary", elem_id="compare")
                 e_summary = gr.Markdown(elem_id="compare-summary")
-                with gr.Row():
-                    e_matrix = gr.Dataframe(interactive=False, label="Win / tie / loss (row model against column model)",
-                                            elem_id="win-matrix", scale=1)
-                    e_chart = gr.BarPlot(x="model", y="share", color="outcome", title="Share of prompts won / tied / lost",
-                                         height=260, elem_id="win-chart", visible=False, scale=1,
-                                         color_map={"win": "#2ca02c", "tie": "#7f7f7f", "loss": "#d62728"})
+                e_matrix = gr.Dataframe(interactive=False, label="Win / tie / loss (row model against column model)",
+                                        elem_id="win-matrix")
+                e_chart = gr.BarPlot(x="model", y="share", color="outcome", title="Share of prompts won / tied / lost",
+                                     height=260, elem_id="win-chart", visible=False,
+                                     color_map={"win": "#2ca02c", "tie": "#7f7f7f", "loss": "#d62728"})
                 e_table = gr.Dataframe(headers=["prompt", "answers"], interactive=False, wrap=True,
                                        label="Answers (and judge scores)", elem_id="compare-table")
                 with gr.Accordion("Comparison details (JSON)", open=False):

@@ -10,7 +10,7 @@ const [url, shots] = process.argv.slice(2);
 
 withPage(url, shots, "", async (page, shot) => {
   // Recipes → Runs: the short RS run.
-  await page.locator("#recipe-yaml").getByText("tiny-llama").first().waitFor();
+  await page.locator("#recipe-yaml").getByText("tiny-llama").filter({ visible: true }).first().waitFor();
   await chooseOption(page, "recipe-pick", "recipes/rs-tiny.yaml");
   await waitYaml(page, (t) => t.includes("stage: rs") && t.includes("iterations: 1"), "the rs-tiny recipe");
   await waitValidation(page, "ok");
@@ -62,20 +62,20 @@ withPage(url, shots, "", async (page, shot) => {
 
   // Compare with its parent: Evaluate with both models and the RS run's reward as the judge.
   await page.locator("#compare-parent").click();
-  await page.locator("#eval-models").getByText(`runs/${name}`, { exact: true }).first().waitFor();
-  await page.locator("#eval-models").getByText("runs/rs-run", { exact: true }).first().waitFor();
+  await page.locator("#eval-models").getByText(`runs/${name}`, { exact: true }).filter({ visible: true }).first().waitFor();
+  await page.locator("#eval-models").getByText("runs/rs-run", { exact: true }).filter({ visible: true }).first().waitFor();
   await page.waitForFunction(() => document.querySelector("#eval-judge input")?.value === "runs/rs-run/recipe.yaml");
   await page.locator("#eval-n input").fill("3");
   await page.locator("#compare").click();
-  await page.locator("#win-matrix").getByText(/^\d+ \/ \d+ \/ \d+$/).first().waitFor({ timeout: 180_000 });
-  await page.locator("#win-matrix").getByText(`runs/${name}`, { exact: true }).first().waitFor();
+  await page.locator("#win-matrix").getByText(/^\d+ \/ \d+ \/ \d+$/).filter({ visible: true }).first().waitFor({ timeout: 180_000 });
+  await page.locator("#win-matrix").getByText(`runs/${name}`, { exact: true }).filter({ visible: true }).first().waitFor();
   await page.locator("#win-chart").waitFor();
   await page.locator("#compare-summary").getByText("mean score").waitFor();
   await shot("evaluate");
 
   // Chat & compare: both already selected; side by side.
   await openTab(page, "Chat & compare");
-  await page.locator("#chat-models").getByText("runs/rs-run", { exact: true }).first().waitFor();
+  await page.locator("#chat-models").getByText("runs/rs-run", { exact: true }).filter({ visible: true }).first().waitFor();
   await page.locator("#chat-message textarea").fill("What is 2 + 3?");
   await page.locator("#chat-send").click();
   await page.locator("#chat-status").getByText("all 2 answers are in").waitFor({ timeout: 120_000 });
@@ -83,10 +83,10 @@ withPage(url, shots, "", async (page, shot) => {
 
   // Feedback: the snapshot the DPO learned from, and a TRL export.
   await openTab(page, "Feedback");
-  await page.locator("#fb-snapshots").getByText(/^feedback-\d{8}-\d{6}-[0-9a-f]{8}$/).first().waitFor();
+  await page.locator("#fb-snapshots").getByText(/^feedback-\d{8}-\d{6}-[0-9a-f]{8}$/).filter({ visible: true }).first().waitFor();
   await page.locator("#fb-export").click();
   await page.locator("#fb-export-msg").getByText("TRL preference format").waitFor();
-  await page.locator("#fb-file").getByText(/preferences-trl-.*\.jsonl/).first().waitFor();
+  await page.locator("#fb-file").getByText(/preferences-trl-.*\.jsonl/).filter({ visible: true }).first().waitFor();
   await shot("feedback");
 }).catch((err) => {
   console.error(err);
