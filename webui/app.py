@@ -425,8 +425,7 @@ def build(ws: Workspace) -> gr.Blocks:
     ws.policy.activate()
     app = App(ws)
     recipe_refs = ws.list_recipes()
-    first = next((r for r in (f"{SHIPPED}sft-tiny.yaml", f"{SHIPPED}quickstart.yaml") if r in recipe_refs),
-                 (recipe_refs or [None])[0])
+    first = f"{SHIPPED}quickstart.yaml" if f"{SHIPPED}quickstart.yaml" in recipe_refs else (recipe_refs or [None])[0]
     from llmtune.registry.models import registry_models
 
     with gr.Blocks(title="llmtune", analytics_enabled=False) as demo:

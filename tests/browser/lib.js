@@ -25,7 +25,9 @@ async function withPage(url, shots, prefix, body) {
   const page = await context.newPage();
   page.setDefaultTimeout(60_000);
   const shot = async (name) => {
-    for (const close of await page.locator(".toast-close").all()) await close.click().catch(() => {});
+    if (name !== "failure") { // a failure keeps its error messages in the picture
+      for (const close of await page.locator(".toast-close").all()) await close.click().catch(() => {});
+    }
     await page.waitForTimeout(500); // let the last update paint
     await page.screenshot({ path: path.join(shots, `${prefix}${name}.png`), fullPage: true });
     step(`screenshot ${prefix}${name}.png`);
@@ -41,6 +43,21 @@ async function withPage(url, shots, prefix, body) {
   } finally {
     await context.close();
     fs.rmSync(profile, { recursive: true, force: true });
+  }
+}
+
+// Clicks #ID until DONE (a locator) shows: the Runs tab re-renders every 2 s, and a click that lands
+// while the layout moves can miss its button.
+async function clickUntil(page, id, done, tries = 3) {
+  for (let i = 1; ; i++) {
+    await page.locator(`#${id}`).click();
+    try {
+      await done.waitFor({ timeout: 20_000 });
+      return;
+    } catch (err) {
+      if (i >= tries) throw err;
+      step(`#${id}: no effect yet, clicking again`);
+    }
   }
 }
 
@@ -100,5 +117,5 @@ async function waitRun(page, status, timeout) {
   await page.locator(`#run-progress[data-status="${status}"]`).waitFor({ timeout });
 }
 
-module.exports = { step, withPage, openTab, chooseOption, addChoices, setNumber, yamlText, waitYaml, waitValidation,
+module.exports = { step, withPage, clickUntil, openTab, chooseOption, addChoices, setNumber, yamlText, waitYaml, waitValidation,
   waitRun };

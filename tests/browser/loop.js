@@ -4,13 +4,13 @@
 // Feedback tab with its snapshot and a TRL export. A screenshot of every tab goes to SCREENSHOT_DIR.
 // Usage: node loop.js URL SCREENSHOT_DIR   (run by tests/test_webui_browser.py, which has written
 // WORKSPACE/recipes/rs-tiny.yaml: one round of best-of-4 on 6 prompts)
-const { step, withPage, openTab, chooseOption, setNumber, waitYaml, waitValidation, waitRun } = require("./lib");
+const { step, withPage, clickUntil, openTab, chooseOption, setNumber, waitYaml, waitValidation, waitRun } = require("./lib");
 
 const [url, shots] = process.argv.slice(2);
 
 withPage(url, shots, "", async (page, shot) => {
   // Recipes → Runs: the short RS run.
-  await page.locator("#recipe-yaml").getByText("tiny-llama").filter({ visible: true }).first().waitFor();
+  await waitYaml(page, (t) => t.includes("stage:"), "the recipe shown on open");
   await chooseOption(page, "recipe-pick", "recipes/rs-tiny.yaml");
   await waitYaml(page, (t) => t.includes("stage: rs") && t.includes("iterations: 1"), "the rs-tiny recipe");
   await waitValidation(page, "ok");
@@ -22,8 +22,7 @@ withPage(url, shots, "", async (page, shot) => {
   step("rs-run completed");
 
   // Rollouts: pick A and B by clicking two answers to one prompt, label; then a suggested pair.
-  await page.locator("#open-rollouts").click();
-  await page.locator("#rollout-count").getByText("24 of 24 samples").waitFor();
+  await clickUntil(page, "open-rollouts", page.locator("#rollout-count").getByText("24 of 24 samples"));
   await page.locator("#rollout-chart-reward svg").getByText("samples: reward").waitFor();
   await page.locator("#rollout-table").getByText("r1-p0-c0", { exact: true }).last().click();
   await page.waitForFunction(() => document.querySelector("#pick-a textarea")?.value === "r1-p0-c0");
@@ -61,7 +60,7 @@ withPage(url, shots, "", async (page, shot) => {
   await shot("runs");
 
   // Compare with its parent: Evaluate with both models and the RS run's reward as the judge.
-  await page.locator("#compare-parent").click();
+  await clickUntil(page, "compare-parent", page.locator("#eval-msg").getByText("with its parent runs/rs-run"));
   await page.locator("#eval-models").getByText(`runs/${name}`, { exact: true }).filter({ visible: true }).first().waitFor();
   await page.locator("#eval-models").getByText("runs/rs-run", { exact: true }).filter({ visible: true }).first().waitFor();
   await page.waitForFunction(() => document.querySelector("#eval-judge input")?.value === "runs/rs-run/recipe.yaml");

@@ -11,8 +11,10 @@ const { step, withPage, openTab, chooseOption, addChoices, setNumber, yamlText, 
 const [url, shots, runName] = process.argv.slice(2);
 
 withPage(url, shots, "basic-", async (page, shot) => {
-  // Recipes: sft-tiny loads on open.
-  await page.locator("#recipe-yaml").getByText("tiny-llama").first().waitFor();
+  // Recipes: a recipe loads on open (the quickstart); pick the tiny SFT one.
+  await waitYaml(page, (t) => t.includes("stage:"), "the recipe shown on open");
+  await chooseOption(page, "recipe-pick", "shipped/sft-tiny.yaml");
+  await waitYaml(page, (t) => t.includes("tiny-llama") && t.includes("output_dir: runs/sft-tiny"), "sft-tiny");
   await waitValidation(page, "ok");
 
   // A mistyped recipe name: one message, on the action's own line; the form and editor keep no pills.
