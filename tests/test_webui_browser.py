@@ -98,7 +98,7 @@ def test_browser_launch_watch_compare_and_vote(browser: dict[str, str], tmp_path
     """Recipe form → launch → live curves → chat side by side → vote → compare, with the rough edges
     of issue 18 checked on the way (see tests/browser/webui.js)."""
     shots = artifacts_dir()
-    for old in shots.glob("basic-*.png"):
+    for old in shots.glob("basic-*.png"):  # basic-failure.png of an earlier failure included
         old.unlink()
     (tmp_path / "ws" / "recipes").mkdir(parents=True)
     (tmp_path / "ws" / "recipes" / "sft-eval.yaml").write_text(SFT_EVAL)
@@ -126,9 +126,9 @@ def test_browser_preference_flywheel(browser: dict[str, str], tmp_path: Path) ->
     feedback" → the DPO run → "Compare with its parent" → the win matrix; a screenshot of every tab."""
     shots = artifacts_dir()
     tabs = ("recipes", "runs", "rollouts", "chat", "feedback", "evaluate")
-    for tab in tabs:
-        (shots / f"{tab}.png").unlink(missing_ok=True)
-    rs_tiny = (ROOT / "recipes" / "rs-quickstart.yaml").read_text().replace("iterations: 3", "iterations: 1").replace(
+    for name in (*tabs, "failure"):
+        (shots / f"{name}.png").unlink(missing_ok=True)
+    rs_tiny = (ROOT / "recipes" / "rs-quickstart.yaml").read_text().replace("iterations: 3", "iterations: 2").replace(
         "num_samples: 32", "num_samples: 6").replace("epochs: 3", "epochs: 1")
     (tmp_path / "ws" / "recipes").mkdir(parents=True)
     (tmp_path / "ws" / "recipes" / "rs-tiny.yaml").write_text(rs_tiny)

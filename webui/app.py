@@ -377,9 +377,12 @@ class App:
         text = retrain_recipe(snapshot, stage or "dpo", (model or "").strip())
         values = recipes.form_values(self.ws.recipe_dict(text))
         parent = Path((model or "").strip()).name
-        return (gr.Tabs(selected="recipes"), text, *values, default_run_name(f"{stage or 'dpo'}-{parent}"),
-                f"snapshot {snapshot['name']} ({snapshot['count']} pairs) → a {stage} recipe from {model} in the "
-                "Recipes tab: check it, then launch it in the Runs tab", self.snapshots_table())
+        note = (f"snapshot {snapshot['name']} ({snapshot['count']} pairs) → a {stage} recipe from {model} in the "
+                "Recipes tab: check it, then launch it in the Runs tab")
+        return (gr.Tabs(selected="recipes"), text, *values, default_run_name(f"{stage or 'dpo'}-{parent}"), note,
+                self.snapshots_table(), gr.Dropdown(value=None),
+                f"<span id='recipe-hint' data-where='new'>new recipe from feedback snapshot {snapshot['name']} "
+                "(not saved: <i>Save recipe</i> keeps it)</span>")
 
     def snapshots_table(self) -> list[list[Any]]:
         return [[m["name"], m["count"], m.get("ties", 0), m["sha256"][:16], m["created"]]
@@ -509,7 +512,7 @@ def build(ws: Workspace) -> gr.Blocks:
                     r_sort = gr.Dropdown(choices=rollouts.SORTS, value=rollouts.SORTS[0], label="sort", scale=2,
                                          elem_id="rollout-sort")
                 r_count = gr.Markdown(elem_id="rollout-count")
-                r_table = gr.Dataframe(interactive=False, wrap=True, max_height=420, elem_id="rollout-table",
+                r_table = gr.Dataframe(interactive=False, wrap=True, max_height=420, elem_id="rollout-table", max_chars=70,
                                        label="Samples (id, step, prompt, answer, reward, chars, and any length, kl, "
                                              "eval or judge score the run logged)")
                 with gr.Row():
@@ -749,7 +752,7 @@ def build(ws: Workspace) -> gr.Blocks:
             return ws.feedback_counts()
 
         gr.api(feedback_count, api_name="feedback_count")
-        train_out = [tabs, yaml_box, *form, run_name, fb_msg, fb_snapshots]
+        train_out = [tabs, yaml_box, *form, run_name, fb_msg, fb_snapshots, recipe_pick, recipe_hint]
         fb_train.click(guarded(app.train_on_feedback), [fb_stage, fb_model], train_out, api_name="train_on_feedback",
                        show_progress_on=[fb_msg])
         r_train.click(guarded(lambda name: app.train_on_feedback("dpo", f"runs/{app._run(name)}")), [r_run], train_out,

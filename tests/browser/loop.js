@@ -3,7 +3,7 @@
 // "Compare with its parent" → the win matrix shows; then the two models side by side in Chat, and the
 // Feedback tab with its snapshot and a TRL export. A screenshot of every tab goes to SCREENSHOT_DIR.
 // Usage: node loop.js URL SCREENSHOT_DIR   (run by tests/test_webui_browser.py, which has written
-// WORKSPACE/recipes/rs-tiny.yaml: one round of best-of-4 on 6 prompts)
+// WORKSPACE/recipes/rs-tiny.yaml: two rounds of best-of-4 on 6 prompts)
 const { step, withPage, clickUntil, openTab, chooseOption, setNumber, waitYaml, waitValidation, waitRun } = require("./lib");
 
 const [url, shots] = process.argv.slice(2);
@@ -12,7 +12,7 @@ withPage(url, shots, "", async (page, shot) => {
   // Recipes → Runs: the short RS run.
   await waitYaml(page, (t) => t.includes("stage:"), "the recipe shown on open");
   await chooseOption(page, "recipe-pick", "recipes/rs-tiny.yaml");
-  await waitYaml(page, (t) => t.includes("stage: rs") && t.includes("iterations: 1"), "the rs-tiny recipe");
+  await waitYaml(page, (t) => t.includes("stage: rs") && t.includes("iterations: 2"), "the rs-tiny recipe");
   await waitValidation(page, "ok");
   await openTab(page, "Runs");
   await page.locator("#run-name textarea").fill("rs-run");
@@ -22,7 +22,7 @@ withPage(url, shots, "", async (page, shot) => {
   step("rs-run completed");
 
   // Rollouts: pick A and B by clicking two answers to one prompt, label; then a suggested pair.
-  await clickUntil(page, "open-rollouts", page.locator("#rollout-count").getByText("24 of 24 samples"));
+  await clickUntil(page, "open-rollouts", page.locator("#rollout-count").getByText("48 of 48 samples"));
   await page.locator("#rollout-chart-reward svg").getByText("samples: reward").waitFor();
   await page.locator("#rollout-table").getByText("r1-p0-c0", { exact: true }).last().click();
   await page.waitForFunction(() => document.querySelector("#pick-a textarea")?.value === "r1-p0-c0");
