@@ -321,8 +321,11 @@ class Workspace:
         summary = info.get("summary") or {}
         loss = summary.get("train_loss") if status == "completed" and summary.get("train_loss") is not None \
             else (losses[-1] if losses else None)
-        return RunRow(name=path.name, status=status, stage=str(recipe.get("stage", "")),
-                      model=str((recipe.get("model") or {}).get("name", "")), step=step, max_steps=max_steps,
+        model = str((recipe.get("model") or {}).get("name", ""))
+        if Path(model).is_absolute() and self.policy.contains(model):
+            model = self.relative(Path(model))  # runs/NAME, as every other field of the UI names it
+        return RunRow(name=path.name, status=status, stage=str(recipe.get("stage", "")), model=model,
+                      step=step, max_steps=max_steps,
                       loss=loss, started=str(info.get("started") or launcher.get("started") or ""), error=error)
 
     def list_runs(self) -> list[RunRow]:
