@@ -174,13 +174,22 @@ def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, force: bool
         return _run(recipe, RunDir(path), recipe_yaml, resume)
 
 
+def local_data(recipe: Recipe) -> list[Path]:
+    """The local files and directories the recipe's datasets read (recorded in run.json)."""
+    from llmtune.config.schema import DATASET_FIELDS
+    from llmtune.data.load import local_sources
+
+    d = recipe.data
+    return local_sources([{k: getattr(s, k) for k in DATASET_FIELDS} for s in d.datasets or [d]], d.registry)
+
+
 def _run(recipe: Recipe, run: RunDir, recipe_yaml: str, resume: bool) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from llmtune import stages
     from llmtune.stages.common import Context
 
     module = stages.get(recipe.stage)
-    run.start(recipe_yaml, recipe.training.seed, recipe.stage, resume)
+    run.start(recipe_yaml, recipe.training.seed, recipe.stage, resume, data=local_data(recipe))
     with stop_on_signals() as stop:  # from here on, run.json always ends with how the run ended
         try:
             setup_logging(run)

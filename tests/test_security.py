@@ -196,7 +196,13 @@ def test_resolver_in_a_base_is_refused(client: Any, form: list[Any]) -> None:
 def test_references_inside_the_recipe_still_resolve(client: Any, form: list[Any]) -> None:
     text = RECIPE.replace("{max_steps: 1}", "{max_steps: 3, save_steps: '${training.max_steps}'}")
     assert client.predict(text, api_name="/validate_recipe").startswith("ok: ")
-    assert yaml.safe_load(client.predict(text, *form, api_name="/apply_form"))["training"]["save_steps"] == 3
+    # A form edit keeps the reference as the user wrote it (the web UI edits the text, it never re-dumps
+    # the resolved recipe), and it still resolves.
+    values = [*form[:6], 5, *form[7:]]  # the form's max_steps, which save_steps refers to
+    edited = client.predict(text, *values, api_name="/apply_form")
+    training = yaml.safe_load(edited)["training"]
+    assert training["max_steps"] == 5 and training["save_steps"] == "${training.max_steps}"
+    assert client.predict(edited, api_name="/validate_recipe").startswith("ok: ")
 
 
 # -- path-valued keys ------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 
 def cmd_webui(args: argparse.Namespace) -> int:
-    if missing := missing_package("gradio"):
-        raise ConfigError(f"llmtune webui needs gradio; {missing}")
+    for package in ("gradio", "ruamel.yaml"):
+        if missing := missing_package(package):
+            raise ConfigError(f"llmtune webui needs {package}; {missing}")
     auth = parse_auth(args.auth)
     root = Path(args.workspace).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,12 @@
     WORKSPACE/runs/NAME/launch.yaml     the recipe exactly as submitted (bases merged)
     WORKSPACE/runs/NAME/console.log     stdout+stderr of the detached `llmtune train` process
     WORKSPACE/runs/NAME/launcher.json   pid / process group / command of the launch
-    WORKSPACE/feedback/preferences.jsonl  A-vs-B votes in the canonical preference shape
+    WORKSPACE/feedback/preferences.jsonl  votes, rankings, rollout labels and written answers (canonical pairs)
     WORKSPACE/feedback/ties.jsonl         tied votes (kept apart so rm/dpo never train on them)
-    WORKSPACE/data_registry.json        user data registry with the `feedback` entry
+    WORKSPACE/feedback/data_registry.json the workspace's data registry with the `feedback` entry
+    WORKSPACE/feedback/snapshots/NAME.jsonl  frozen copies a retraining uses (NAME.json: count, hash, time)
+    WORKSPACE/feedback/export/*.jsonl     TRL-format exports (prompt / chosen / rejected only)
+    WORKSPACE/.llmtune/locks/             the UI's own lock files (never beside a recipe or dataset)
 
 Every path the UI accepts, and every path, model, base recipe, rule reward and `${...}` inside the
 recipes it validates and launches, goes through the workspace's `Confinement` (llmtune/config/
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -42,12 +46,14 @@ from llmtune.config.schema import Recipe
 from llmtune.errors import ConfigError
 from llmtune.runs.lock import describe
 from llmtune.runs.lock import holder as lock_holder
-from llmtune.runs.rundir import STATUS_FAILED, STATUS_RUNNING, RunDir
+from llmtune.runs.rundir import STATUS_DONE, STATUS_FAILED, STATUS_RUNNING, RunDir
+from llmtune.runs.samples import read_samples
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 SHIPPED = "shipped/"  # prefix naming a recipe of the repository's recipes/ directory
 FEEDBACK_ENTRY = "feedback"
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) ", re.MULTILINE)
+STATUS_STOPPED = "stopped"  # stopped by the UI before `llmtune train` had written anything: resumable
 
 
 def check_name(name: str, what: str) -> str:
@@ -68,9 +74,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (fcntl.flock) on PATH.lock, shared by every UI process and tab."""
+    """An exclusive advisory lock (fcntl.flock) on the file PATH, shared by every UI process and tab."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as fh:
+    with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -129,6 +135,10 @@ class Workspace:
         for sub in ("recipes", "runs", "feedback"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
+    def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """The UI's lock NAME, kept in WORKSPACE/.llmtune/locks/ (never beside a recipe or dataset)."""
+        return locked(self.root / ".llmtune" / "locks" / f"{name}.lock")
+
     # -- paths ------------------------------------------------------------------------------------
     @property
     def recipes_dir(self) -> Path:
@@ -148,7 +158,17 @@ class Workspace:
 
     @property
     def registry_file(self) -> Path:
-        return self.root / "data_registry.json"
+        """The workspace's data registry: in feedback/, beside the data it names, so it can never be
+        llmtune's own data_registry.json (a workspace at the repository root)."""
+        return self.root / "feedback" / "data_registry.json"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.root / "feedback" / "snapshots"
+
+    def registries(self) -> list[str]:
+        """The extra registry files a dataset named in the UI is looked up in."""
+        return [str(self.registry_file)] if self.registry_file.exists() else []
 
     def confine(self, path: str | Path, what: str = "path") -> Path:
         """PATH (relative to the workspace, or absolute) resolved with symlinks; refused when it
@@ -160,8 +180,11 @@ class Workspace:
 
     # -- recipes ----------------------------------------------------------------------------------
     def list_recipes(self) -> list[str]:
-        """Shipped recipes as `shipped/NAME.yaml`, then saved ones as `recipes/NAME.yaml`."""
+        """Shipped recipes as `shipped/NAME.yaml`, then saved ones as `recipes/NAME.yaml` (a workspace
+        whose recipes/ is the shipped directory, such as the repository root, lists each once)."""
         shipped = sorted(SHIPPED + p.name for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+        if RECIPES_DIR.is_dir() and self.recipes_dir.resolve() == RECIPES_DIR.resolve():
+            return shipped
         saved = sorted(f"recipes/{p.name}" for p in self.recipes_dir.glob("*.yaml"))
         return shipped + saved
 
@@ -195,7 +218,7 @@ class Workspace:
             name += ".yaml"
         self.validate(text, source=name)
         path = self.recipes_dir / name
-        with locked(path):
+        with self.lock("recipes"):
             if path.exists():
                 raise ConfigError(f"recipe name: recipes/{name} already exists; choose another name")
             _atomic_write(path, text if text.endswith("\n") else text + "\n")
@@ -224,16 +247,23 @@ class Workspace:
         return path
 
     def resume(self, name: str) -> Path:
-        """`llmtune train RUN/recipe.yaml --output-dir RUN --resume` for a stopped or failed run."""
+        """`llmtune train RUN/recipe.yaml --output-dir RUN --resume` for a stopped or failed run; a run
+        stopped before `llmtune train` wrote anything starts again from the UI's launch.yaml."""
         path = self.run_path(name)
         row = self.run_row(path)
         if row.status in (STATUS_RUNNING, "starting"):
             raise ConfigError(f"run {name}: still {row.status}; stop it before resuming")
+        if row.status == STATUS_DONE:
+            raise ConfigError(f"run {name}: already completed")
         _refuse_if_held(path, name, settle_s=5.0)  # a just-stopped run is still exiting
         recipe_file = path / "recipe.yaml"
-        if not recipe_file.is_file():
-            raise ConfigError(f"run {name}: has no recipe.yaml (it never started); launch it again instead")
-        self._spawn(path, ["train", str(recipe_file), "--output-dir", str(path), "--resume"])
+        if recipe_file.is_file() and RunDir(path).info():
+            self._spawn(path, ["train", str(recipe_file), "--output-dir", str(path), "--resume"])
+        elif (path / "launch.yaml").is_file():
+            # Nothing but the UI's own files here: --force, exactly as the launch that was stopped.
+            self._spawn(path, ["train", str(path / "launch.yaml"), "--output-dir", str(path), "--force"])
+        else:
+            raise ConfigError(f"run {name}: has neither recipe.yaml nor launch.yaml; launch it again instead")
         return path
 
     def _spawn(self, path: Path, args: list[str]) -> None:
@@ -249,7 +279,7 @@ class Workspace:
                                     env={**os.environ, **self.policy.env(), "PYTHONUNBUFFERED": "1"})
         _atomic_write(path / "launcher.json", json.dumps(
             {"pid": proc.pid, "pgid": proc.pid, "command": cmd, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "launched": time.time()},
+             "launched": time.time(), "stopped": None},
             indent=2) + "\n")
         _CHILDREN[proc.pid] = proc
 
@@ -261,6 +291,9 @@ class Workspace:
         status = self.run_row(path).status
         if status not in (STATUS_RUNNING, "starting") or not pid_alive(pgid):
             raise ConfigError(f"run {name}: not running (status {status})")
+        # Recorded first: a process still starting up dies of the SIGTERM without writing anything,
+        # and the run must then read as stopped (resumable), not failed.
+        _atomic_write(path / "launcher.json", json.dumps({**launcher, "stopped": time.time()}, indent=2) + "\n")
         os.killpg(pgid, signal.SIGTERM)
         return f"sent SIGTERM to run {name} (process group {pgid}); it saves a checkpoint and stops"
 
@@ -276,16 +309,23 @@ class Workspace:
         error = info.get("error") or ""
         if status == STATUS_RUNNING and not pid_alive(info.get("pid")) and not alive:
             status, error = "dead", "the training process is gone without finishing (killed?)"
-        if not info and not alive:
+        if launcher.get("stopped") and not alive and (not info or status == "dead"):
+            status, error = STATUS_STOPPED, ""  # stopped from the UI before the run could checkpoint
+        elif not info and not alive:
             error = _last_error_line(path / "console.log")
         recipe = _read_yaml(path / "recipe.yaml") or _read_yaml(path / "launch.yaml")
-        step, max_steps = self.progress(path)
+        step, max_steps = self.progress(path, recipe)
+        if status == STATUS_DONE and step is not None and max_steps is None:
+            max_steps = step
         losses = [r["loss"] for r in RunDir(path).metrics() if isinstance(r.get("loss"), (int, float))]
         summary = info.get("summary") or {}
         loss = summary.get("train_loss") if status == "completed" and summary.get("train_loss") is not None \
             else (losses[-1] if losses else None)
-        return RunRow(name=path.name, status=status, stage=str(recipe.get("stage", "")),
-                      model=str((recipe.get("model") or {}).get("name", "")), step=step, max_steps=max_steps,
+        model = str((recipe.get("model") or {}).get("name", ""))
+        if Path(model).is_absolute() and self.policy.contains(model):
+            model = self.relative(Path(model))  # runs/NAME, as every other field of the UI names it
+        return RunRow(name=path.name, status=status, stage=str(recipe.get("stage", "")), model=model,
+                      step=step, max_steps=max_steps,
                       loss=loss, started=str(info.get("started") or launcher.get("started") or ""), error=error)
 
     def list_runs(self) -> list[RunRow]:
@@ -294,26 +334,85 @@ class Workspace:
         dirs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
         return [self.run_row(p) for p in dirs]
 
-    def progress(self, path: Path) -> tuple[int | None, int | None]:
-        """(current step, total steps) from the `step N/M` lines `llmtune train` prints, falling back
-        to the last step in metrics.jsonl."""
-        text = _tail(path / "console.log", 64_000)
-        found = STEP_LINE.findall(text)
+    def progress(self, path: Path, recipe: dict[str, Any]) -> tuple[int | None, int | None]:
+        """(current step, total steps) from the `step N/M` lines `llmtune train` printed into the UI's
+        console.log; for a run trained elsewhere (a shell), the last step of metrics.jsonl (or the final
+        step of run.json) out of the recipe's training.max_steps when it sets one."""
+        found = STEP_LINE.findall(_tail(path / "console.log", 64_000))
         if found:
             step, total = found[-1]
             return int(step), int(total)
         rows = RunDir(path).metrics()
-        return (rows[-1]["step"], None) if rows else (None, None)
+        final = (RunDir(path).info().get("summary") or {}).get("global_step")
+        step = final if isinstance(final, int) else (rows[-1]["step"] if rows else None)
+        max_steps = (recipe.get("training") or {}).get("max_steps")
+        return step, (max_steps if isinstance(max_steps, int) and max_steps > 0 and step is not None else None)
 
     def log_tail(self, name: str, lines: int = 12) -> str:
-        """The last LINES lines of console.log, without tqdm bars (they are noise once redrawn)."""
-        text = _tail(self.run_path(name) / "console.log", 64_000)
+        """The last LINES lines of the run's console: console.log of a UI launch, else the train.log
+        `llmtune train` writes (a run started from a shell); tqdm bars left out (noise once redrawn)."""
+        path = self.run_path(name)
+        console = path / "console.log"
+        text = _tail(console if console.is_file() else path / "train.log", 64_000)
         kept = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln
                 and "?it/s" not in ln and "examples/s]" not in ln]
         return "\n".join(kept[-lines:])
 
     def metrics(self, name: str) -> list[dict[str, Any]]:
         return RunDir(self.run_path(name)).metrics()
+
+    def rollouts(self, name: str) -> list[dict[str, Any]]:
+        """Every response the run generated (online RL or rejection sampling), one record each."""
+        return read_samples(self.run_path(name))
+
+    def parent_of(self, name: str) -> str | None:
+        """The model run NAME started from, as the chat and compare fields name it (`runs/NAME` or a
+        registry name), or None when it is not something the UI can load."""
+        path = self.run_path(name)
+        recipe = _read_yaml(path / "recipe.yaml") or _read_yaml(path / "launch.yaml")
+        model = str((recipe.get("model") or {}).get("name") or "")
+        if not model:
+            return None
+        candidate = Path(model)
+        if candidate.is_absolute():
+            candidate = candidate.resolve()
+            run = next((p for p in (candidate, *candidate.parents) if p.parent == self.runs_dir), None)
+            return f"runs/{run.name}" if run is not None and (run / "model").is_dir() else None
+        from llmtune.registry.models import registry_models
+
+        return model if model in registry_models() else None
+
+    def lineage_judge(self, name: str) -> str | None:
+        """The reward a run's lineage was trained for (RS or PPO upstream of a DPO on their labels), as
+        a judge compare accepts: `runs/NAME/recipe.yaml` (its `reward:` section); None without one."""
+        current: str | None = name
+        for _ in range(8):  # a lineage is short; a loop of hand-edited recipes must not hang the UI
+            if current is None:
+                return None
+            if _read_yaml(self.run_path(current) / "recipe.yaml").get("reward"):
+                return f"runs/{current}/recipe.yaml"
+            parent = self.parent_of(current)
+            current = parent[len("runs/"):] if parent and parent.startswith("runs/") else None
+        return None
+
+    def judge_files(self) -> list[str]:
+        """The recipe.yaml of every run that trained against a reward: usable as a compare judge."""
+        return sorted(f"runs/{p.parent.name}/recipe.yaml" for p in self.runs_dir.glob("*/recipe.yaml")
+                      if _read_yaml(p).get("reward"))
+
+    def labelled_pairs(self, run: str) -> set[frozenset[str]]:
+        """Pairs of rollout samples of RUN (`runs/NAME`) already labelled (preferences and ties)."""
+        found = set()
+        for file in (self.preferences_file, self.ties_file):
+            for line in (file.read_text().splitlines() if file.exists() else []):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                ids = row.get("samples") or {}
+                if row.get("models", {}).get("rejected") == run and len(ids) == 2:
+                    found.add(frozenset(ids.values()))
+        return found
 
     def trained_models(self) -> list[str]:
         """Runs with a final model, as `runs/NAME` (what `load_for_inference` accepts as a path)."""
@@ -323,7 +422,7 @@ class Workspace:
     def record_votes(self, rows: list[dict[str, Any]], ties: list[dict[str, Any]]) -> int:
         """Append preference rows (and tie rows) under a file lock, register the `feedback` dataset,
         and return the number of preferences collected so far."""
-        with locked(self.preferences_file):
+        with self.lock("feedback"):
             for file, batch in ((self.preferences_file, rows), (self.ties_file, ties)):
                 if batch:
                     with file.open("a") as fh:
@@ -333,16 +432,66 @@ class Workspace:
             self._register_feedback()
             return _count_lines(self.preferences_file)
 
+    def snapshot_feedback(self) -> dict[str, Any]:
+        """Freeze the preference pairs collected so far into feedback/snapshots/NAME.jsonl (NAME.json:
+        name, count, ties, sha256, created) for a retraining to learn from: the run records the file's
+        hash in its run.json, so a model can be traced to exactly these labels. The same content
+        gives the same snapshot back."""
+        with self.lock("feedback"):
+            data = self.preferences_file.read_bytes() if self.preferences_file.exists() else b""
+            count = sum(1 for line in data.splitlines() if line.strip())
+            if not count:
+                raise ConfigError("feedback: no preference pairs yet; vote on answers or label rollouts first")
+            digest = hashlib.sha256(data).hexdigest()
+            for known in self.snapshots():
+                if known.get("sha256") == digest:
+                    return known
+            name = f"feedback-{time.strftime('%Y%m%d-%H%M%S')}-{digest[:8]}"
+            self.snapshots_dir.mkdir(parents=True, exist_ok=True)
+            manifest = {"name": name, "file": f"feedback/snapshots/{name}.jsonl",
+                        "count": count, "ties": _count_lines(self.ties_file), "sha256": digest,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": self.relative(self.preferences_file)}
+            (self.snapshots_dir / f"{name}.jsonl").write_bytes(data)
+            _atomic_write(self.snapshots_dir / f"{name}.json", json.dumps(manifest, indent=2) + "\n")
+            return manifest
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """The feedback snapshots, oldest first."""
+        found = [_read_json(p) for p in sorted(self.snapshots_dir.glob("*.json"))]
+        return [m for m in found if m.get("name")]
+
+    def snapshot_of(self, name: str) -> dict[str, Any] | None:
+        """The feedback snapshot run NAME trained on (matched by the sha256 its run.json records)."""
+        recorded = {d.get("sha256") for d in RunDir(self.run_path(name)).info().get("data") or []}
+        return next((m for m in self.snapshots() if m.get("sha256") in recorded), None)
+
+    def export_feedback(self) -> Path:
+        """The preference pairs as TRL's conversational preference JSONL (prompt, chosen, rejected;
+        no ties, no bookkeeping fields) in feedback/export/, for training anywhere."""
+        rows = []
+        with self.lock("feedback"):
+            if self.preferences_file.exists():
+                for line in self.preferences_file.read_text().splitlines():
+                    if line.strip():
+                        row = json.loads(line)
+                        rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+        if not rows:
+            raise ConfigError("feedback: no preference pairs to export yet")
+        out = self.root / "feedback" / "export" / f"preferences-trl-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return out
+
     def feedback_counts(self) -> tuple[int, int]:
         """(preferences, ties) collected so far."""
         return _count_lines(self.preferences_file), _count_lines(self.ties_file)
 
     def _register_feedback(self) -> None:
-        """Add or refresh the `feedback` entry of WORKSPACE/data_registry.json, keeping other entries."""
-        with locked(self.registry_file):
+        """Add or refresh the `feedback` entry of the workspace's registry, keeping other entries."""
+        with self.lock("registry"):
             data = _read_json(self.registry_file)
             data[FEEDBACK_ENTRY] = {
-                "path": self.relative(self.preferences_file),
+                "path": self.preferences_file.name,  # relative to the registry file beside it
                 "format": "canonical",
                 "shapes": ["preference", "prompt", "sft"],
                 "description": "Side-by-side votes collected in the llmtune web UI (chosen vs rejected).",
@@ -410,7 +559,9 @@ def _tail(path: Path, size: int) -> str:
 
 
 def _last_error_line(path: Path) -> str:
-    lines = [ln for ln in _tail(path, 16_000).splitlines() if ln.strip()]
+    """The line of console.log that best says why a run ended without a run.json (the UI's own
+    `$ llmtune ...` command lines are not an error)."""
+    lines = [ln for ln in _tail(path, 16_000).splitlines() if ln.strip() and not ln.startswith("$ llmtune ")]
     errors = [ln for ln in lines if "error" in ln.lower()]
     return (errors or lines or [""])[-1][:300]
 

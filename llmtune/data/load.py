@@ -7,6 +7,7 @@ import logging
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from llmtune.data.converters import CONVERTERS, RowError, natural_shape
@@ -96,6 +97,20 @@ def _plan(
     hub_id = entry.hub_id or ""
     records = hub_records(hub_id, source_split, subset)
     return entry, fmt, opts, records, f"{name}[{split}] (hub {hub_id}{'/' + subset if subset else ''})"
+
+
+def local_sources(specs: list[dict[str, Any]], extra_registries: list[str] | None = None) -> list[Path]:
+    """The local files or directories the dataset specs read (a `path`, or a registry entry's path),
+    for the run's provenance record; hub datasets have none."""
+    out = []
+    for spec in specs:
+        path = spec.get("path")
+        if not path and spec.get("name"):
+            entry = get_entry(spec["name"], extra_registries)
+            path = entry.path
+        if path:
+            out.append(resolve_path(path))
+    return out
 
 
 def load_rows(

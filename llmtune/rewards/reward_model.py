@@ -128,8 +128,13 @@ class RewardModelScorer:
     """
 
     def __init__(self, section: RewardSection):
+        from llmtune.config.checks.reward import not_a_reward_model
         from llmtune.modeling.load import load_for_inference
+        from llmtune.registry.models import resolve_model
 
+        assert section.model is not None
+        if problem := not_a_reward_model(resolve_model(section.model), section.model):
+            raise ConfigError(f"reward model: {problem}")
         self.model, self.tok, self.spec = load_for_inference(section.model, head="classifier")
         self.template = ChatTemplate.get(self.spec.template)
         self.kind = self.spec.kind

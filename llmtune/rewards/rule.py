@@ -33,13 +33,16 @@ class RuleReward:
 
     def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
         check_pairs(prompts, responses)
-        if self.batched:
-            out = list(self.fn(prompts, responses, **self.kwargs))
-            if len(out) != len(responses):
-                raise RewardError(f"reward function {self.name} returned {len(out)} scores for "
-                                  f"{len(responses)} responses")
-        else:
-            out = [self.fn(p, r, **self.kwargs) for p, r in zip(prompts, responses)]
+        try:
+            if self.batched:
+                out = list(self.fn(prompts, responses, **self.kwargs))
+            else:
+                out = [self.fn(p, r, **self.kwargs) for p, r in zip(prompts, responses)]
+        except Exception as exc:  # the user's function: say which one failed and how, not a bare traceback
+            raise RewardError(f"reward function {self.name} failed: {type(exc).__name__}: {exc}") from exc
+        if len(out) != len(responses):
+            raise RewardError(f"reward function {self.name} returned {len(out)} scores for "
+                              f"{len(responses)} responses")
         return [self._number(v) for v in out]
 
     def _number(self, value: Any) -> float:

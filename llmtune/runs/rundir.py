@@ -2,7 +2,8 @@
 
     <run>/recipe.yaml      resolved recipe (what actually ran)
     <run>/run.json         status (running|completed|interrupted|failed), signal, times, seed, pid, host,
-                           provenance: recipe_sha256, versions (python, libraries, llmtune + git commit)
+                           provenance: recipe_sha256, versions (python, libraries, llmtune + git commit),
+                           data (file, sha256, bytes, rows, modified of each local data file)
     <run>/metrics.jsonl    one JSON object per logging step: {"step": N, "loss": ..., ...}
     <run>/metrics.<time>.jsonl  the curve of an attempt that restarted from step 0 (kept, never mixed in)
     <run>/checkpoints/     checkpoint-N/ (resumable)
@@ -22,7 +23,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,29 @@ def _git_commit() -> str | None:
     return head + ("-dirty" if dirty else "")
 
 
+def data_record(path: Path) -> dict[str, Any]:
+    """Provenance of one local data source: what a model learned from, pinned down by content.
+
+    A file gets its sha256, size, modification time and (JSON lines) row count; a directory one
+    sha256 over its files' relative paths and contents. A labelled-feedback snapshot (the web UI's
+    `feedback/snapshots/NAME.jsonl`) is thereby recorded by name, count, hash and time."""
+    digest, size, rows = hashlib.sha256(), 0, 0
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if file is not path:
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+                rows += chunk.count(b"\n") if file.name.endswith(".jsonl") else 0
+    record: dict[str, Any] = {"file": str(path), "sha256": digest.hexdigest(), "bytes": size,
+                              "modified": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(path.stat().st_mtime))}
+    if rows:
+        record["rows"] = rows
+    return record
+
+
 def follow_umask(root: Path) -> None:
     """Give the *.safetensors files under ROOT the mode any new file gets (0666 & ~umask, 0644 typically).
 
@@ -131,9 +155,10 @@ class RunDir:
         info.update(fields)
         _atomic_write(self.path / "run.json", json.dumps(info, indent=2, default=str) + "\n")
 
-    def start(self, recipe_yaml: str, seed: int, stage: str, resume: bool) -> None:
+    def start(self, recipe_yaml: str, seed: int, stage: str, resume: bool, data: Sequence[Path] = ()) -> None:
         """Record a (re)start. The run.json written here is what makes the directory an llmtune run;
-        it also pins down what ran: the recipe's hash and every library version."""
+        it also pins down what ran: the recipe's hash, every library version and the local data files
+        (`data_record`)."""
         if not self.main:
             return
         self.path.mkdir(parents=True, exist_ok=True)
@@ -146,6 +171,7 @@ class RunDir:
             started=info.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), ended=None,
             resumed=info.get("resumed", 0) + (1 if resume else 0), error=None, signal=None,
             recipe_sha256=hashlib.sha256(recipe_yaml.encode()).hexdigest(), versions=_versions(),
+            data=[data_record(p) for p in data if p.exists()],
         )
 
     def finish(self, status: str, error: str | None = None, **extra: Any) -> None:

@@ -57,10 +57,29 @@ class Comparison:
     def mean_scores(self) -> dict[str, float]:
         return {m: sum(s) / len(s) for m, s in (self.scores or {}).items()}
 
+    def empty_answers(self) -> dict[str, int]:
+        """Answers per model that are empty (or whitespace only): a model that says nothing."""
+        return {m: sum(not r.strip() for r in texts) for m, texts in self.responses.items()}
+
+    def judge_prefers_empty(self) -> bool:
+        """Whether the judge scores empty answers better, on average, than non-empty ones: a judge
+        that does would make a silent model win the matrix, which says more about the judge."""
+        if self.scores is None:
+            return False
+        empty, full = [], []
+        for m, texts in self.responses.items():
+            for text, score in zip(texts, self.scores[m]):
+                (full if text.strip() else empty).append(score)
+        if not empty or not full:
+            return False
+        gap = sum(empty) / len(empty) - sum(full) / len(full)
+        return gap < 0 if self.lower_is_better else gap > 0
+
     def to_summary(self) -> dict[str, Any]:
         return {"models": self.models, "prompts": len(self.prompts), "seed": self.seed, "judge": self.judge,
                 "lower_is_better": self.lower_is_better, "mean_scores": self.mean_scores() or None,
                 "matrix": {a: {b: asdict(c) for b, c in row.items()} for a, row in self.matrix.items()} or None,
+                "empty_answers": self.empty_answers(), "judge_prefers_empty": self.judge_prefers_empty(),
                 "generation_seconds": self.seconds}
 
 
@@ -190,6 +209,9 @@ def render_markdown(result: Comparison) -> str:
         lines += ["", f"## Judge: {cell(result.judge or '')} ({better} is better)", "",
                   "| model | mean score |", "|---|---|"]
         lines += [f"| {cell(m)} | {v:.4f} |" for m, v in result.mean_scores().items()]
+        if result.judge_prefers_empty():
+            lines += ["", "**Warning:** the judge scores empty answers better than non-empty ones; a model that "
+                      "says nothing wins this comparison."]
         names = list(result.models)
         lines += ["", "Win / tie / loss of the row model against the column model:", "",
                   "| | " + " | ".join(map(cell, names)) + " |", "|---" * (len(names) + 1) + "|"]

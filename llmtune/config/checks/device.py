@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 # Optional dependencies and the extra that installs them (setup.cfg).
-EXTRAS = {"bitsandbytes": "gpu", "deepspeed": "gpu", "gradio": "webui"}
+EXTRAS = {"bitsandbytes": "gpu", "deepspeed": "gpu", "gradio": "webui", "ruamel.yaml": "webui"}
 
 
 def cuda_present() -> bool:

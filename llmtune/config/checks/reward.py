@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from llmtune.config.checks.model import resolve
 from llmtune.config.confine import active
 from llmtune.errors import ConfigError
-from llmtune.registry.models import resolve_model
+from llmtune.registry.models import ModelSpec, resolve_model
 
 if TYPE_CHECKING:
     from llmtune.config.schema import RewardSection
@@ -30,7 +30,9 @@ def check_reward(r: RewardSection, where: str, errors: list[str], pending: froze
     if len(r.score_range) != 2 or r.score_range[0] >= r.score_range[1]:
         errors.append(f"{where}.score_range: expected [min, max] with min < max")
     if r.type == "reward_model" and r.model:
-        resolve(r.model, f"{where}.model", errors, pending)
+        spec = resolve(r.model, f"{where}.model", errors, pending)
+        if spec is not None and (problem := not_a_reward_model(spec, r.model)):
+            errors.append(f"{where}.model: {problem}")
     elif r.type == "classifier" and r.model:
         _check_classifier(r, where, errors)
     elif r.type == "judge":
@@ -39,6 +41,18 @@ def check_reward(r: RewardSection, where: str, errors: list[str], pending: froze
         _check_rule(r, where, errors)
     for i, c in enumerate(r.components or []):
         check_reward(c, f"{where}.components[{i}]", errors, pending)
+
+
+def not_a_reward_model(spec: ModelSpec, ref: str) -> str | None:
+    """Why a trained model cannot serve as a reward model, or None. A run of a generating stage (sft,
+    dpo, rs, ppo) saved a language-model head: loading it for scoring would bolt on an untrained score
+    head and return numbers that mean nothing."""
+    head = spec.extra.get("head")
+    if head is None or head == "classifier":
+        return None
+    stage = spec.extra.get("stage")
+    return (f"'{ref}' is a language model{f' (a {stage} run)' if stage else ''}, not a reward model; "
+            "train one with `stage: rm`")
 
 
 def _check_judge(r: RewardSection, where: str, errors: list[str], pending: frozenset[str]) -> None:
