@@ -22,7 +22,7 @@ from llmtune.config.load import recipe_from_dict
 from llmtune.errors import ConfigError
 from llmtune.runs.rundir import RunDir, StopFlag
 from llmtune.stages.common import Context
-from llmtune.stages.ppo import PPOTrainer
+from llmtune.stages.rl import RLTrainer
 from llmtune.train import seed_everything, train
 
 # Two shared CPU cores: one thread each avoids oversubscription stalls (30x slower otherwise).
@@ -47,17 +47,17 @@ def small_recipe(model: str, finetuning: str, **ppo: Any) -> dict[str, Any]:
         "data": {"name": "demo", "max_length": 64, "num_samples": 40},
         "training": {"max_steps": 2, "learning_rate": 5e-3, "batch_size": 4, "logging_steps": 1, "save_steps": 100,
                      "seed": 7},
-        "reward": {"type": "rule", "function": "llmtune.ppo.rewards_demo:char_fraction", "kwargs": {"chars": "aeiou"}},
+        "reward": {"type": "rule", "function": "llmtune.rewards.rules:char_fraction", "kwargs": {"chars": "aeiou"}},
         "ppo": {"rollout_batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "sample_every": 1,
                 "generation": {"max_new_tokens": 6}, **ppo},
     }
 
 
-def trainer_for(tmp_path: Path, data: dict[str, Any]) -> PPOTrainer:
+def trainer_for(tmp_path: Path, data: dict[str, Any]) -> RLTrainer:
     run = RunDir(tmp_path / "run")
     run.start("", 7, "ppo", False)
     seed_everything(7)
-    return PPOTrainer(recipe_from_dict(data), Context(run=run, resume=False, stop=StopFlag()))
+    return RLTrainer(recipe_from_dict(data), Context(run=run, resume=False, stop=StopFlag()))
 
 
 def finite_rows(run: Path) -> list[dict[str, Any]]:
@@ -159,7 +159,7 @@ def test_rollouts_stop_at_stop_strings_and_end_tokens_and_mask_there(model: str)
     from llmtune.config.schema import GenerationSection
     from llmtune.data.templates import ChatTemplate
     from llmtune.modeling.load import load_for_inference
-    from llmtune.ppo.rollout import sample
+    from llmtune.modeling.generate import sample
 
     policy, tok, spec = load_for_inference(model)
     free = dataclasses.replace(ChatTemplate.get(spec.template), stop=())
@@ -237,10 +237,22 @@ def test_resume_continues_exactly_from_the_saved_step(tmp_path: Path) -> None:
     for ra, rb in zip(a, b):
         for key in ("reward_mean", "kl", "policy_loss", "value_loss", "kl_coef"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    # accelerate's save_state: the trainable weights only (adapters, value head), optimizer, RNG states, and the
+    # registered scheduler, KL controller, reward statistics and step.
     ckpt = tmp_path / "split" / "checkpoints" / "checkpoint-4"
-    assert {"trainable.pt", "optimizer.pt", "scheduler.pt", "ppo_state.json", "rng_state_0.pt", "policy"} <= {
-        p.name for p in ckpt.iterdir()}
-    assert json.loads((ckpt / "ppo_state.json").read_text())["step"] == 4
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= {p.name for p in ckpt.iterdir()}
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert saved and all("lora_" in k or "value_head" in k for k in saved)
+    assert checkpointed(ckpt)["progress"] == {"step": 4}
+
+
+def checkpointed(ckpt: Path) -> dict[str, Any]:
+    """The objects the trainer registers with accelerate, in registration order."""
+    names = ("scheduler", "kl_controller", "reward_stats", "progress")
+    return {name: torch.load(ckpt / f"custom_checkpoint_{i}.pkl", weights_only=False) for i, name in enumerate(names)}
 
 
 @pytest.mark.slow
@@ -268,8 +280,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     assert saved is not None
     step = int(saved.name.split("-")[-1])
     assert step >= 2
-    state = json.loads((saved / "ppo_state.json").read_text())
-    assert state["kl_controller"]["value"] != 0.05, "the adaptive KL coefficient is part of the checkpoint"
+    assert checkpointed(saved)["kl_controller"]["value"] != 0.05, "the adaptive KL coefficient is part of the checkpoint"
 
     done = run_cli("train", str(recipe), f"training.max_steps={step + 2}", "--output-dir", str(out), "--resume",
                    env=ONE_THREAD, check=True)
