@@ -158,8 +158,8 @@ def test_rollouts_stop_at_stop_strings_and_end_tokens_and_mask_there(model: str)
 
     from llmtune.config.schema import GenerationSection
     from llmtune.data.templates import ChatTemplate
-    from llmtune.modeling.load import load_for_inference
     from llmtune.modeling.generate import sample
+    from llmtune.modeling.load import load_for_inference
 
     policy, tok, spec = load_for_inference(model)
     free = dataclasses.replace(ChatTemplate.get(spec.template), stop=())

@@ -435,6 +435,10 @@ def convert_oasst(records: Iterable[Record], shape: str | None, options: dict[st
 
 
 def _canonical_row(row: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    for column, wanted in (options.get("where") or {}).items():
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        if row.get(column) not in allowed:
+            raise Filtered(f"{column} {row.get(column)!r} is not in {allowed}")
     return row
 
 
@@ -529,7 +533,10 @@ CONVERTERS: dict[str, Format] = {
     "oasst": Format(convert_oasst, "sft", {
         "lang": Option((str,), "keep only messages in this language code (e.g. en); the rest are filtered"),
     }),
-    "canonical": Format(convert_canonical, None, {}),
+    "canonical": Format(convert_canonical, None, {
+        "where": Option((dict,), "keep only rows whose columns hold these values, e.g. {level: [1, 2]} of the "
+                        "arithmetic set; the others are counted as filtered"),
+    }),
     "columns": Format(convert_columns, None, {
         "columns": Option((dict,), "role -> column name mapping (data.columns sets it)"),
     }),

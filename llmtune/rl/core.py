@@ -75,16 +75,13 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
-def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                         mask: torch.Tensor, kl_coef: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards: -kl_coef * KL estimate everywhere, plus the score at the last token.
-
-    Returns (rewards, per-token KL estimate), both masked."""
-    kl = kl_estimate(logprobs, ref_logprobs, estimator) * mask
-    rewards = -kl_coef * kl
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards of ppo and reinforce_pp: -kl_coef * the per-token KL estimate everywhere, plus
+    the response's score at its last token; 0 on padding."""
+    rewards = -kl_coef * kl * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
     rewards[torch.arange(len(scores)), last] += scores
-    return rewards * mask, kl
+    return rewards * mask
 
 
 def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float,
@@ -190,19 +187,6 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, sequences:
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, cliprange: float, cliprange_high: float | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate objective, masked mean over tokens; with the clip fraction and the approximate
-    KL 0.5 * E[(log r)^2] between the policy that sampled and the current one."""
-    per_token, ratio, clipped = policy_loss_per_token(logprobs, old_logprobs, advantages, cliprange, cliprange_high)
-    log_ratio = (logprobs - old_logprobs) * mask
-    stats = {"clipfrac": masked_mean(clipped.float(), mask).detach(),
-             "approx_kl": 0.5 * masked_mean(log_ratio ** 2, mask).detach(),
-             "ratio": masked_mean(ratio, mask).detach()}
-    return masked_mean(per_token, mask), stats
-
-
 def value_loss_per_token(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                          cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss per token: 0.5 * max((V - R)^2, (clip(V, V_old +- e) - R)^2); and whether the
@@ -211,13 +195,6 @@ def value_loss_per_token(values: torch.Tensor, old_values: torch.Tensor, returns
     loss1 = (values - returns) ** 2
     loss2 = (clipped - returns) ** 2
     return 0.5 * torch.max(loss1, loss2), loss2 > loss1
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss, masked mean; and the fraction of tokens where the clipped term was larger."""
-    per_token, clipped = value_loss_per_token(values, old_values, returns, cliprange_value)
-    return masked_mean(per_token, mask), masked_mean(clipped.float(), mask).detach()
 
 
 class FixedKLController:

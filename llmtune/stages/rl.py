@@ -325,19 +325,14 @@ class RLTrainer:
                 penalty = core.kl_estimate(t.logprobs, t.ref_logprobs, p.kl_estimator or "k1") * mask
         if p.algorithm == "ppo":
             assert t.values is not None
-            rewards = -coef * penalty
-            last = (mask.sum(1).long() - 1).clamp(min=0)
-            rewards[torch.arange(len(t)), last] += scores
-            t.advantages, t.returns = core.gae(t.values, rewards * mask, mask, p.gamma, p.lam)
+            rewards = core.token_rewards(scores, penalty, mask, coef)
+            t.advantages, t.returns = core.gae(t.values, rewards, mask, p.gamma, p.lam)
             if p.whiten_advantages:
                 t.advantages = core.whiten(t.advantages, mask)
         elif p.algorithm == "reinforce_pp":
             if group > 1:  # REINFORCE++-baseline: the group mean first, then the global normalisation
                 scores = scores - scores.view(-1, group).mean(1).repeat_interleave(group)
-            rewards = -coef * penalty
-            last = (mask.sum(1).long() - 1).clamp(min=0)
-            rewards[torch.arange(len(t)), last] += scores
-            t.advantages = core.reinforce_pp_advantages(rewards * mask, mask, p.gamma)
+            t.advantages = core.reinforce_pp_advantages(core.token_rewards(scores, penalty, mask, coef), mask, p.gamma)
         else:
             sequence = scores - coef * penalty.sum(1)
             t.advantages = (core.group_advantages(sequence, group, p.scale_rewards) if p.algorithm == "grpo"

@@ -41,6 +41,7 @@ class Trackers:
         for kind in filter_trackers(recipe.training.report_to, logging_dir):  # validation checked they exist
             cls = LOGGER_TYPE_TO_CLASS[str(kind)]
             tracker = cls(recipe.stage, logging_dir) if cls.requires_logging_directory else cls(recipe.stage)
+            tracker.start()  # what Accelerator.init_trackers does
             tracker.store_init_configuration(_flat_config(recipe))
             self.trackers.append(tracker)
 

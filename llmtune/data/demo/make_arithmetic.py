@@ -3,7 +3,7 @@
 A verifiable task for online RL (`llmtune.rewards.rules:numeric_answer` scores a response 1 when its
 final number is the row's `answer`), in four levels of difficulty:
 
-    1  bare sums and differences of numbers up to 20          "What is 17 + 5?"
+    1  sums and differences of one-digit numbers, five wordings "Add 7 and 5."
     2  one-step word problems with numbers up to 20           "Mia has 12 shells and finds 5 more. ..."
     3  one step with two-digit numbers, or a product         "Each box holds 6 pens. How many pens ..."
     4  two steps                                              "... buys 3 packs of 8 cards and gives away 5 ..."
@@ -11,8 +11,9 @@ final number is the row's `answer`), in four levels of difficulty:
 Rows are SFT conversations (the question, then a worked answer ending in "The answer is N.") with
 the extra columns `answer` (int) and `level`; as prompts (stages rs, ppo, rl) the columns travel
 with the question to the reward. Three fixed splits, no question in two of them: train (for
-training), dev (for choosing hyperparameters) and test (for reporting only). A fixed seed makes
-every run write identical files.
+training), dev (for choosing hyperparameters) and test (for reporting only). Level 1 has only 155
+one-digit facts, so its splits share facts in other words; from level 2 on problems are new. A
+fixed seed makes every run write identical files.
 
     python -m llmtune.data.demo.make_arithmetic [--out DIR]
 """
@@ -37,12 +38,18 @@ THINGS = ["apples", "shells", "stickers", "marbles", "pencils", "cards", "stamps
 Problem = tuple[str, str, int]  # question, worked answer, answer
 
 
+ADD = ["What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.",
+       "What do you get when you add {a} and {b}?"]
+SUB = ["What is {a} - {b}?", "What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}.",
+       "What is left when you take {b} away from {a}?"]
+
+
 def _level1(rng: random.Random) -> Problem:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     if rng.random() < 0.5:
-        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", a + b
+        return rng.choice(ADD).format(a=a, b=b), f"{a} + {b} = {a + b}.", a + b
     a, b = max(a, b), min(a, b)
-    return f"What is {a} - {b}?", f"{a} - {b} = {a - b}.", a - b
+    return rng.choice(SUB).format(a=a, b=b), f"{a} - {b} = {a - b}.", a - b
 
 
 def _one_step(rng: random.Random, low: int, high: int) -> Problem:
