@@ -60,10 +60,14 @@ def trainer_for(tmp_path: Path, data: dict[str, Any]) -> RLTrainer:
     return RLTrainer(recipe_from_dict(data), Context(run=run, resume=False, stop=StopFlag()))
 
 
-def finite_rows(run: Path) -> list[dict[str, Any]]:
-    rows = RunDir(run).metrics()
+def finite_rows(run: Path, critic: bool = True) -> list[dict[str, Any]]:
+    """The run's step rows; every step metric there and finite (value_loss exactly when there is a critic)."""
+    rows = [r for r in RunDir(run).metrics() if r["step"] > 0]
     for row in rows:
         for key in STEP_KEYS:
+            if key == "value_loss" and not critic:
+                assert key not in row
+                continue
             assert math.isfinite(row[key]), (key, row)
     return rows
 
@@ -108,6 +112,28 @@ def test_ppo_trains_causal_and_seq2seq(tmp_path: Path, model: str, finetuning: s
     loaded, tok, spec = load_for_inference(str(tmp_path / "run"))
     assert spec.kind == ("seq2seq" if model == "tiny-t5" else "causal")
     assert sum(p.numel() for p in loaded.parameters()) == policy_params
+
+
+@pytest.mark.parametrize(("algorithm", "model", "finetuning"), [
+    ("grpo", "tiny-t5", "lora"), ("rloo", "tiny-llama", "lora"), ("reinforce_pp", "tiny-gptj", "lora"),
+    ("grpo", "tiny-llama", "full")])
+def test_critic_free_algorithms_train_without_a_value_head(tmp_path: Path, algorithm: str, model: str,
+                                                           finetuning: str) -> None:
+    data = grpo_recipe(model, finetuning, algorithm=algorithm, cliprange_high=0.28)
+    data["eval_reward"] = {"type": "rule", "function": "llmtune.rewards.rules:target_length", "kwargs": {"target": 5}}
+    trainer = trainer_for(tmp_path, data)
+    policy = trainer.unwrapped
+    assert not any("value" in k for k, _ in policy.named_parameters()), "no critic is allocated"
+    params = sum(p.numel() for p in policy.parameters())
+    assert trainer.held_parameters() == (params if finetuning == "lora" else 2 * params)
+    trainable = {k: v.detach().clone() for k, v in policy.named_parameters() if v.requires_grad}
+    assert trainer.train()["global_step"] == 2
+    rows = finite_rows(tmp_path / "run", critic=False)
+    assert all(math.isfinite(r["eval_reward_mean"]) and r["response_length"] > 0 for r in rows)
+    assert any(not torch.equal(v, trainable[k]) for k, v in policy.named_parameters() if v.requires_grad)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert {"step", "prompt", "response", "reward", "eval_reward", "length", "kl", "advantage", "group"} <= set(samples[0])
+    assert [s["group"] for s in samples if s["step"] == 1] == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
 def test_separate_value_model(tmp_path: Path) -> None:
@@ -217,8 +243,19 @@ def test_batch_size_errors_name_the_key(tmp_path: Path) -> None:
         trainer_for(tmp_path, data)
 
 
-def test_resume_continues_exactly_from_the_saved_step(tmp_path: Path) -> None:
-    data = small_recipe("tiny-llama", "lora")
+def grpo_recipe(model: str, finetuning: str, **rl: Any) -> dict[str, Any]:
+    """The small recipe as stage rl, algorithm grpo: 2 prompts x 4 samples per step, one minibatch of 4."""
+    data = small_recipe(model, finetuning)
+    data["stage"] = "rl"
+    data["rl"] = {**data.pop("ppo"), "algorithm": "grpo", "rollout_batch_size": 2, "num_generations": 4,
+                  "mini_batch_size": 4, **rl}
+    return data
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_resume_continues_exactly_from_the_saved_step(tmp_path: Path, algorithm: str) -> None:
+    data = small_recipe("tiny-llama", "lora") if algorithm == "ppo" else grpo_recipe(
+        "tiny-llama", "lora", adaptive_kl=True, target_kl=0.01, kl_horizon=10, ppo_epochs=2)
     # A constant LR: the schedule would otherwise depend on max_steps, which differs between the runs.
     data["training"].update(max_steps=4, save_steps=2, gradient_accumulation_steps=2, lr_scheduler="constant")
     whole = train(recipe_from_dict(data), tmp_path / "whole")
@@ -232,11 +269,16 @@ def test_resume_continues_exactly_from_the_saved_step(tmp_path: Path) -> None:
     assert resumed["global_step"] == 4
     assert "resuming from" in (tmp_path / "split" / "train.log").read_text()
 
-    a, b = finite_rows(tmp_path / "whole"), finite_rows(tmp_path / "split")
+    critic = algorithm == "ppo"
+    a, b = finite_rows(tmp_path / "whole", critic), finite_rows(tmp_path / "split", critic)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
+    keys = ("reward_mean", "kl", "policy_loss", "kl_coef", "entropy", "clipfrac", "approx_kl", "grad_norm",
+            "value_loss" if algorithm == "ppo" else "zero_variance_groups")
     for ra, rb in zip(a, b):
-        for key in ("reward_mean", "kl", "policy_loss", "value_loss", "kl_coef"):
+        for key in keys:
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    assert a[-1]["kl"] > 0, "the policy moved"
+    assert (a[-1]["kl_coef"] != a[0]["kl_coef"]) == (algorithm == "grpo"), "grpo's adaptive coefficient moved"
     # accelerate's save_state: the trainable weights only (adapters, value head), optimizer, RNG states, and the
     # registered scheduler, KL controller, reward statistics and step.
     ckpt = tmp_path / "split" / "checkpoints" / "checkpoint-4"
@@ -246,6 +288,7 @@ def test_resume_continues_exactly_from_the_saved_step(tmp_path: Path) -> None:
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         saved = set(f.keys())
     assert saved and all("lora_" in k or "value_head" in k for k in saved)
+    assert any("value_head" in k for k in saved) == (algorithm == "ppo")
     assert checkpointed(ckpt)["progress"] == {"step": 4}
 
 
