@@ -9,8 +9,8 @@ virtualenv because TRL 0.11 needs transformers 4.x:
 
 Prints one JSON object with the same fields as ppo_throughput.py. It imports nothing from llmtune
 (llmtune needs transformers 5): the reward is llmtune/rewards/rules.py loaded by path, and prompts
-are the problems' questions in the Llama-2 [INST] format, which is what llmtune's llama2 template
-renders for single-turn prompts.
+are the problems' questions in the model's chat format (--template llama2: the tiny Llama's [INST]
+format; chatml: SmolLM2's), as llmtune's templates render a single user turn.
 """
 
 from __future__ import annotations
@@ -38,10 +38,15 @@ def numeric_answer() -> Any:
     return module.numeric_answer
 
 
-def problems() -> list[tuple[str, int]]:
-    """(prompt in the [INST] format, gold answer) per problem of the train split."""
+TEMPLATES = {"llama2": "<s>[INST] {q} [/INST]",
+             "chatml": "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"}
+
+
+def problems(template: str) -> list[tuple[str, int]]:
+    """(prompt rendered as llmtune's template renders a single user turn, gold answer) per problem of the
+    train split."""
     rows = [json.loads(line) for line in TASK.read_text().splitlines() if line.strip()]
-    return [(f"<s>[INST] {r['messages'][0]['content']} [/INST]", r["answer"]) for r in rows]
+    return [(TEMPLATES[template].format(q=r["messages"][0]["content"]), r["answer"]) for r in rows]
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -68,6 +73,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--learning-rate", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--template", choices=sorted(TEMPLATES), default="llama2")
     args = ap.parse_args()
 
     import torch
@@ -88,7 +94,7 @@ def main() -> None:
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tok)  # LoRA: reference = adapters off
     gen = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": 1, "do_sample": True, "top_k": 0,
            "top_p": 1.0, "temperature": 1.0, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
-    pool = problems()
+    pool = problems(args.template)
     reward = numeric_answer()
     rng = random.Random(args.seed)
     steps = []
