@@ -1,11 +1,12 @@
 """Does alignment measurably help? Every method of llmtune on a real model, SmolLM2-135M-Instruct, on 2 CPU
 cores, each arm a plain llmtune recipe run through `llmtune.train.train` and then scored the same way.
 
-Verifiable task (the bundled `arithmetic` set; held-out accuracy = greedy answers to the 400 test problems
-scored by `numeric_answer`, with its standard error):
+Verifiable task (the bundled `arithmetic` set; held-out accuracy = greedy answers to the first 200 test
+problems, 50 per level, scored by `numeric_answer`, with its standard error):
   base          SmolLM2-135M-Instruct as it ships
-  sft           LoRA SFT on the train split's worked answers ("... = 12. The answer is 12.")
-  rs            best-of-4 rejection sampling from sft: the checker keeps a correct answer per prompt; one round
+  sft           LoRA SFT on 800 of the train split's worked answers ("... = 12. The answer is 12.")
+  rs            best-of-4 rejection sampling from sft on 120 prompts: the checker keeps a correct answer per
+                prompt; one round
   dpo           DPO from sft on on-policy pairs: rs's samples, a correct and a wrong answer of the same prompt
   ppo, grpo, rloo, reinforce_pp
                 online RL from sft with the checker as the reward, the same number of samples per step, LoRA
@@ -18,10 +19,11 @@ HH (harmlessness; /work/shared/data/hh-harmless-sample.jsonl.gz split three ways
                 held-out prompts (greedy answers)
 
 Hyperparameters are fixed in ARMS below, chosen before any test-split number was seen (the dev split and the
-tiny quickstarts informed them); each arm's training budget keeps it within 20 minutes on 2 shared cores.
+tiny quickstarts informed them), and sized so that each arm stays within 20 minutes on 2 CPU cores shared with
+other work (one thread: on an oversubscribed machine more threads make everything slower).
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python benchmarks/alignment.py --out runs/alignment            # every arm
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python benchmarks/alignment.py --out runs/alignment grpo hh_ppo  # some arms
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/alignment.py --out runs/alignment            # every arm
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/alignment.py --out runs/alignment grpo hh_ppo  # some arms
     python benchmarks/alignment.py --out runs/alignment --table            # the README table from the results
 
 An arm whose result file exists is skipped (delete OUT/results/ARM.json to run it again); the arms an arm
@@ -46,10 +48,11 @@ MODEL = "smollm2-135m-instruct"
 HH = ROOT.parent / "shared" / "data" / "hh-harmless-sample.jsonl.gz"
 CHECKER = {"type": "rule", "function": "llmtune.rewards.rules:numeric_answer"}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
-EVAL_TOKENS = 64          # held-out answers: room for a base model's longer answers
+EVAL_TOKENS = 48          # held-out answers (a worked answer takes about 20 tokens)
 RL_TOKENS = 48
-KL_PROMPTS = 100          # held-out prompts whose sampled answers estimate KL(arm || start)
-HH_EVAL_PROMPTS = 150
+KL_PROMPTS = 50           # held-out prompts whose sampled answers estimate KL(arm || start)
+HH_EVAL_PROMPTS = 100
+TEST_ROWS = 200           # the first 200 of the 400 test problems (levels interleaved: 50 each)
 
 # --- the arms ----------------------------------------------------------------------------------
 
@@ -59,22 +62,22 @@ def task_data(**extra: Any) -> dict[str, Any]:
 
 
 def rl_arm(algorithm: str, steps: int, **rl: Any) -> dict[str, Any]:
-    """Online RL from sft on the task, 64 answers per step."""
+    """Online RL from sft on the task, 32 answers per step in 2 minibatches."""
     section = {"algorithm": algorithm, "generation": {"max_new_tokens": RL_TOKENS, "temperature": 1.0},
                "sample_every": 5, **rl}
     return {"stage": "rl", "model": {"name": "@sft", "lora": LORA}, "data": task_data(),
-            "training": {"max_steps": steps, "learning_rate": 5e-5, "lr_scheduler": "constant", "logging_steps": 1,
+            "training": {"max_steps": steps, "learning_rate": 1e-4, "lr_scheduler": "constant", "logging_steps": 1,
                          "save_steps": 1000, "seed": 42},
             "reward": CHECKER, "rl": section}
 
 
 ARMS: dict[str, dict[str, Any]] = {
     "sft": {"stage": "sft", "model": {"name": MODEL, "lora": {**LORA, "dropout": 0.05}},
-            "data": task_data(eval_split="dev"),
+            "data": task_data(eval_split="dev", num_samples=800),
             "training": {"epochs": 1, "learning_rate": 2e-4, "batch_size": 8, "warmup_ratio": 0.05, "logging_steps": 20,
                          "save_steps": 1000, "seed": 42}},
     "rs": {"stage": "rs", "model": {"name": "@sft", "lora": {**LORA, "dropout": 0.05}},
-           "data": task_data(num_samples=400), "reward": CHECKER,
+           "data": task_data(num_samples=120), "reward": CHECKER,
            "rs": {"num_samples": 4, "threshold": 1.0, "generation_batch_size": 16,
                   "generation": {"max_new_tokens": RL_TOKENS, "temperature": 1.0}},
            "training": {"epochs": 2, "learning_rate": 1e-4, "batch_size": 8, "logging_steps": 10, "save_steps": 1000,
@@ -82,14 +85,14 @@ ARMS: dict[str, dict[str, Any]] = {
     "dpo": {"stage": "dpo", "model": {"name": "@sft", "lora": {**LORA, "dropout": 0.05}},
             "data": {"path": "@pairs", "format": "canonical", "max_length": 160, "max_prompt_length": 96},
             "dpo": {"beta": 0.1},
-            "training": {"epochs": 2, "learning_rate": 5e-5, "batch_size": 8, "logging_steps": 10, "save_steps": 1000,
+            "training": {"epochs": 2, "learning_rate": 1e-4, "batch_size": 8, "logging_steps": 10, "save_steps": 1000,
                          "seed": 42}},
-    "ppo": rl_arm("ppo", 40, rollout_batch_size=64, mini_batch_size=32, ppo_epochs=2, generation_batch_size=32),
-    "grpo": rl_arm("grpo", 40, rollout_batch_size=8, num_generations=8, mini_batch_size=32, generation_batch_size=4,
+    "ppo": rl_arm("ppo", 12, rollout_batch_size=32, mini_batch_size=16, ppo_epochs=1, generation_batch_size=32),
+    "grpo": rl_arm("grpo", 12, rollout_batch_size=4, num_generations=8, mini_batch_size=16, generation_batch_size=4,
                    kl_coef=0.04),
-    "rloo": rl_arm("rloo", 40, rollout_batch_size=8, num_generations=8, mini_batch_size=32, generation_batch_size=4,
+    "rloo": rl_arm("rloo", 12, rollout_batch_size=4, num_generations=8, mini_batch_size=16, generation_batch_size=4,
                    kl_coef=0.04),
-    "reinforce_pp": rl_arm("reinforce_pp", 40, rollout_batch_size=64, mini_batch_size=32, generation_batch_size=32,
+    "reinforce_pp": rl_arm("reinforce_pp", 12, rollout_batch_size=32, mini_batch_size=16, generation_batch_size=32,
                            kl_coef=0.04),
     "rm_a": {"base": "rm-minilm-hh.yaml", "data": {"path": "@hh_a", "eval_fraction": 0.1}},
     "rm_b": {"base": "rm-minilm-hh.yaml", "data": {"path": "@hh_b", "eval_fraction": 0.1}},
@@ -100,7 +103,7 @@ def hh_arm(algorithm: str, steps: int, **rl: Any) -> dict[str, Any]:
     """Online RL of the instruct model on HH prompts against rm_a, rm_b scored beside it (monitoring only)."""
     return {"stage": "rl", "model": {"name": MODEL, "lora": LORA},
             "data": {"name": "hh", "path": "@hh_a", "max_length": 192, "max_prompt_length": 128},
-            "training": {"max_steps": steps, "learning_rate": 5e-5, "lr_scheduler": "constant", "logging_steps": 1,
+            "training": {"max_steps": steps, "learning_rate": 1e-4, "lr_scheduler": "constant", "logging_steps": 1,
                          "save_steps": 1000, "seed": 42},
             "reward": {"type": "reward_model", "model": "@rm_a", "max_length": 256},
             "eval_reward": {"type": "reward_model", "model": "@rm_b", "max_length": 256},
@@ -108,9 +111,9 @@ def hh_arm(algorithm: str, steps: int, **rl: Any) -> dict[str, Any]:
                    "sample_every": 5, **rl}}
 
 
-ARMS["hh_ppo"] = hh_arm("ppo", 30, rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2, generation_batch_size=16)
-ARMS["hh_grpo"] = hh_arm("grpo", 30, rollout_batch_size=8, num_generations=4, mini_batch_size=16,
-                         generation_batch_size=8, kl_coef=0.04)
+ARMS["hh_ppo"] = hh_arm("ppo", 10, rollout_batch_size=16, mini_batch_size=8, ppo_epochs=1, generation_batch_size=16)
+ARMS["hh_grpo"] = hh_arm("grpo", 10, rollout_batch_size=4, num_generations=4, mini_batch_size=8,
+                         generation_batch_size=4, kl_coef=0.04)
 TASK_ARMS = ["base", "sft", "rs", "dpo", "ppo", "grpo", "rloo", "reinforce_pp"]
 HH_ARMS = ["hh_start", "hh_ppo", "hh_grpo"]
 NEEDS = {"rs": ["sft"], "dpo": ["rs"], "ppo": ["sft"], "grpo": ["sft"], "rloo": ["sft"], "reinforce_pp": ["sft"],
@@ -140,6 +143,17 @@ class Bench:
             return {k: self.resolve(v) for k, v in value.items()}
         return self.refs().get(value, value) if isinstance(value, str) else value
 
+    def smoke(self) -> None:
+        """Shrink every arm to seconds on the tiny Llama: checks the whole chain, measures nothing."""
+        global MODEL, KL_PROMPTS, HH_EVAL_PROMPTS, TEST_ROWS
+        MODEL, KL_PROMPTS, HH_EVAL_PROMPTS, TEST_ROWS = "tiny-llama", 4, 8, 8
+        for arm, spec in ARMS.items():
+            spec.setdefault("training", {})["max_steps"] = 2
+            if spec.get("model", {}).get("name") == "smollm2-135m-instruct":
+                spec["model"]["name"] = MODEL
+            if arm == "rs":
+                spec["data"]["num_samples"] = 8
+
     def run(self, arm: str) -> None:
         for dep in NEEDS.get(arm, []):
             if not self.done(dep):
@@ -151,8 +165,10 @@ class Bench:
         started = time.perf_counter()
         if arm in ("rm_a", "rm_b") or arm.startswith("hh"):
             split_hh(self.out / "hh")
-        if arm == "dpo":
-            write_pairs(self.out / "rs", self.out / "dpo_pairs.jsonl")
+        if arm == "dpo" and not write_pairs(self.out / "rs", self.out / "dpo_pairs.jsonl"):
+            self.result_file(arm).write_text(json.dumps({"arm": arm, "skipped": "rs sampled no prompt with both a "
+                                                         "correct and a wrong answer: no pairs"}) + "\n")
+            return
         run_dir = None
         if arm in ARMS:
             run_dir = self.train(arm)
@@ -192,7 +208,7 @@ class Bench:
     def task_result(self, arm: str, run_dir: Path | None) -> dict[str, Any]:
         from llmtune.data.load import load_rows
 
-        rows = load_rows("arithmetic", None, split="test", shape="prompt").rows
+        rows = load_rows("arithmetic", None, split="test", shape="prompt").rows[:TEST_ROWS]
         model_ref = MODEL if run_dir is None else str(run_dir)
         scored = score_model(model_ref, rows, CHECKER)
         acc = scored["reward_mean"]
@@ -290,9 +306,9 @@ def training_metrics(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def write_pairs(rs_dir: Path, out: Path) -> None:
+def write_pairs(rs_dir: Path, out: Path) -> int:
     """DPO pairs from rs's on-policy samples: for each prompt with a correct and a wrong answer, the first
-    correct one is chosen and the first wrong one rejected."""
+    correct one is chosen and the first wrong one rejected. Returns how many."""
     rows = []
     for line in (rs_dir / "rs" / "round-1" / "samples.jsonl").read_text().splitlines():
         s = json.loads(line)
@@ -302,10 +318,11 @@ def write_pairs(rs_dir: Path, out: Path) -> None:
             rows.append({"prompt": s["prompt"], "chosen": [{"role": "assistant", "content": good[0]}],
                          "rejected": [{"role": "assistant", "content": bad[0]}]})
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
 
 
 def split_hh(root: Path) -> None:
-    """Parts A (800 pairs: rm_a and the policy's prompts), B (800: the judge) and C (the rest: held-out
+    """Parts A (600 pairs: rm_a and the policy's prompts), B (600: the judge) and C (the other 600: held-out
     prompts) of the HH sample, by a seeded shuffle; written once, outside the repository."""
     if (root / "c.jsonl").exists():
         return
@@ -313,7 +330,7 @@ def split_hh(root: Path) -> None:
     with gzip.open(HH, "rt") as fh:
         lines = [line for line in fh if line.strip()]
     random.Random(1234).shuffle(lines)
-    for name, part in (("a", lines[:800]), ("b", lines[800:1600]), ("c", lines[1600:])):
+    for name, part in (("a", lines[:600]), ("b", lines[600:1200]), ("c", lines[1200:])):
         (root / f"{name}.jsonl").write_text("".join(part))
 
 
@@ -328,19 +345,19 @@ def hh_eval_rows(root: Path) -> list[dict[str, Any]]:
 
 def table(out: Path) -> str:
     res = {p.stem: json.loads(p.read_text()) for p in (out / "results").glob("*.json")}
-    lines = ["| arm | held-out accuracy (400 test problems) | by level 1/2/3/4 | KL to start | train wall | samples/s |",
+    lines = ["| arm | held-out accuracy (200 test problems) | by level 1/2/3/4 | KL to start | train wall | samples/s |",
              "|---|---|---|---|---|---|"]
     for arm in TASK_ARMS:
         r = res.get(arm)
-        if r is None:
-            lines.append(f"| {arm} | not run | | | | |")
+        if r is None or "skipped" in r:
+            lines.append(f"| {arm} | not run{': ' + r['skipped'] if r else ''} | | | | |")
             continue
         levels = "/".join(f"{100 * v:.0f}" for v in r["accuracy_by_level"].values())
         kl = f"{r['kl_to_start']:.2f}" if "kl_to_start" in r else ""
         sps = f"{r['samples_per_s']:.1f}" if "samples_per_s" in r else ""
         wall = f"{r['train_wall_s'] / 60:.1f} min" if arm != "base" else ""
         lines.append(f"| {arm} | {100 * r['accuracy']:.1f} % ± {100 * r['se']:.1f} | {levels} | {kl} | {wall} | {sps} |")
-    lines += ["", "| arm | judge (rm_b) mean on 150 held-out HH prompts | win / tie / loss vs start | KL to start | "
+    lines += ["", "| arm | judge (rm_b) mean on 100 held-out HH prompts | win / tie / loss vs start | KL to start | "
               "train wall | samples/s |", "|---|---|---|---|---|---|"]
     for arm in HH_ARMS:
         r = res.get(arm)
@@ -363,12 +380,15 @@ def main() -> None:
     ap.add_argument("arms", nargs="*", help=f"arms to run (default all): {', '.join(TASK_ARMS + HH_ARMS)}")
     ap.add_argument("--out", default="runs/alignment", help="where runs and results go")
     ap.add_argument("--table", action="store_true", help="print the results table and exit")
+    ap.add_argument("--smoke", action="store_true", help="every arm on the tiny Llama in seconds (checks the chain)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.table:
         print(table(out))
         return
     bench = Bench(out)
+    if args.smoke:
+        bench.smoke()
     for arm in args.arms or TASK_ARMS + HH_ARMS:
         bench.run(arm)
     print(table(out))

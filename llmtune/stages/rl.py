@@ -149,8 +149,11 @@ class RLTrainer:
         self.updates_per_batch = p.ppo_epochs * (p.rollouts // p.mini_batch_size)
         self.total_updates = self.num_steps * self.updates_per_batch
         params = [q for q in self._module.parameters() if q.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                                      fused=t.optimizer == "adamw_torch_fused")
+        fused = t.optimizer == "adamw_torch_fused"
+        # foreach: one kernel per group of tensors instead of a Python loop over them (torch only picks it
+        # by itself on CUDA); LoRA has many small tensors.
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused,
+                                      foreach=not fused)
         warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.total_updates)
         self.scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.total_updates)
