@@ -1,5 +1,7 @@
-"""PPO stage end to end on the built-in tiny models: real rollouts and updates, one copy of the
-weights with LoRA, checkpoints, resume, Ctrl-C, the quickstart learning curve, `llmtune eval policy`."""
+"""Online RL (stages ppo and rl) end to end on the built-in tiny models: real rollouts and updates for
+ppo, grpo, rloo and reinforce_pp, one copy of the weights with LoRA, no critic for the critic-free
+algorithms, checkpoints, exact resume, Ctrl-C, the quickstarts raising held-out accuracy on the
+verifiable task, `llmtune eval policy`."""
 
 from __future__ import annotations
 

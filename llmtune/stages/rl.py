@@ -94,12 +94,12 @@ class RLTrainer:
     """Holds the policy (with a critic for ppo), the frozen reference when one is needed, optimizer and
     loop state; `train()` runs the loop. Built eagerly so tests can inspect what is allocated."""
 
-    def __init__(self, recipe: Recipe, ctx: Context, reward: Any | None = None):
+    def __init__(self, recipe: Recipe, ctx: Context):
         self.recipe, self.ctx, self.p, self.t = recipe, ctx, recipe.online, recipe.training
         self._setup_accelerator()
         self._setup_data()
         self._setup_models()
-        self.reward = reward if reward is not None else load_reward(recipe.reward)
+        self.reward = load_reward(recipe.reward)
         self.eval_reward = load_reward(recipe.eval_reward) if recipe.eval_reward is not None else None
         self._setup_optimizer()
         self._setup_checkpointing()
