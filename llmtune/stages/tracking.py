@@ -7,24 +7,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmtune.config.schema import Recipe, iter_keys
+from llmtune.config.schema import Recipe
 from llmtune.runs.rundir import RunDir
 
 LOG_DIR = "logs"
 
 
 def _flat_config(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as scalar key paths (what trackers show as hyperparameters)."""
+    """The recipe as scalar key paths (what trackers show as hyperparameters), without the online-RL
+    section the stage does not read (stage ppo reads `ppo`, stage rl reads `rl`)."""
+    unused = {"ppo": "rl", "rl": "ppo"}.get(recipe.stage)
     out: dict[str, Any] = {}
-    data = recipe.to_dict()
-    for path, *_ in iter_keys():
-        value: Any = data
-        for part in path.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if isinstance(value, (bool, int, float, str)):
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if not (path == "" and key == unused):
+                    walk(inner, f"{path}.{key}" if path else key)
+        elif isinstance(value, (bool, int, float, str)):
             out[path] = value
         elif isinstance(value, list):
             out[path] = str(value)
+
+    walk(recipe.to_dict(), "")
     return out
 
 
