@@ -1,14 +1,16 @@
 """Reference PPO throughput: TRL 0.11.4's classic PPOTrainer on the same workload as
-benchmarks/ppo_throughput.py (same tiny Llama weights and tokenizer, LoRA r=16, 16 rollouts per
-step, minibatches of 8, 2 PPO epochs, 16 sampled tokens, fixed KL 0.05, lr 1e-2, the digit-share
-rule reward). Runs in its own virtualenv because TRL 0.11 needs transformers 4.x:
+benchmarks/ppo_throughput.py (the same SFT model and tokenizer, LoRA r=16, 16 rollouts per step,
+minibatches of 8, 2 PPO epochs, 16 sampled tokens, fixed KL 0.05, lr 1e-2, the PPO quickstart's
+prompts and reward: the `arithmetic` train split scored by `numeric_answer`). Runs in its own
+virtualenv because TRL 0.11 needs transformers 4.x:
 
     bash benchmarks/setup_trl011.sh /tmp/trl011
-    OMP_NUM_THREADS=1 /tmp/trl011/bin/python benchmarks/ppo_trl011_baseline.py --model runs/quickstart/model
+    OMP_NUM_THREADS=1 /tmp/trl011/bin/python benchmarks/ppo_trl011_baseline.py --model runs/ppo-quickstart/sft/model
 
 Prints one JSON object with the same fields as ppo_throughput.py. It imports nothing from llmtune
-(llmtune needs transformers 5); prompts are the demo conversations' last user turn in the Llama-2
-[INST] format, which is what llmtune's llama2 template renders for single-turn prompts.
+(llmtune needs transformers 5): the reward is llmtune/rewards/rules.py loaded by path, and prompts
+are the problems' questions in the model's chat format (--template llama2: the tiny Llama's [INST]
+format; chatml: SmolLM2's), as llmtune's templates render a single user turn.
 """
 
 from __future__ import annotations
@@ -23,27 +25,28 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "llmtune" / "data" / "demo" / "quickstart.jsonl"
+TASK = ROOT / "llmtune" / "data" / "demo" / "arithmetic" / "train.jsonl"
 
 
-def char_fraction(responses: list[str], chars: str = "0123456789") -> list[float]:
-    """llmtune.ppo.rewards_demo:char_fraction itself, loaded by path (llmtune is not installed here)."""
+def numeric_answer() -> Any:
+    """llmtune.rewards.rules:numeric_answer itself, loaded by path (llmtune is not installed here)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("rewards_demo", ROOT / "llmtune" / "ppo" / "rewards_demo.py")
+    spec = importlib.util.spec_from_file_location("rules", ROOT / "llmtune" / "rewards" / "rules.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.char_fraction([[]] * len(responses), responses, chars)
+    return module.numeric_answer
 
 
-def prompts() -> list[str]:
-    rows = [json.loads(line) for line in DEMO.read_text().splitlines() if line.strip()]
-    out = []
-    for row in rows:
-        users = [m["content"] for m in row["messages"][:-1] if m["role"] == "user"]
-        if users:
-            out.append(f"<s>[INST] {users[-1]} [/INST]")
-    return out
+TEMPLATES = {"llama2": "<s>[INST] {q} [/INST]",
+             "chatml": "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"}
+
+
+def problems(template: str) -> list[tuple[str, int]]:
+    """(prompt rendered as llmtune's template renders a single user turn, gold answer) per problem of the
+    train split."""
+    rows = [json.loads(line) for line in TASK.read_text().splitlines() if line.strip()]
+    return [(TEMPLATES[template].format(q=r["messages"][0]["content"]), r["answer"]) for r in rows]
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -70,6 +73,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--learning-rate", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--template", choices=sorted(TEMPLATES), default="llama2")
     args = ap.parse_args()
 
     import torch
@@ -90,16 +94,17 @@ def main() -> None:
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tok)  # LoRA: reference = adapters off
     gen = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": 1, "do_sample": True, "top_k": 0,
            "top_p": 1.0, "temperature": 1.0, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
-    pool = prompts()
+    pool = problems(args.template)
+    reward = numeric_answer()
     rng = random.Random(args.seed)
     steps = []
     for _ in range(args.steps):
         started = time.perf_counter()
         batch = [rng.choice(pool) for _ in range(args.batch_size)]
-        queries = [tok(p, add_special_tokens=False, return_tensors="pt").input_ids[0] for p in batch]
+        queries = [tok(p, add_special_tokens=False, return_tensors="pt").input_ids[0] for p, _ in batch]
         responses = trainer.generate(queries, return_prompt=False, batch_size=args.batch_size, **gen)
         texts = tok.batch_decode(responses, skip_special_tokens=True)
-        scores = [torch.tensor(s) for s in char_fraction([t.strip() for t in texts])]
+        scores = [torch.tensor(reward([], t.strip(), answer)) for t, (_, answer) in zip(texts, batch)]
         stats = trainer.step(queries, responses, scores)
         elapsed = time.perf_counter() - started
         tokens = sum(len(r) for r in responses)

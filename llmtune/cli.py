@@ -229,7 +229,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The full parser; `argv` (the command line) says which lazy command, if any, to load."""
     p = argparse.ArgumentParser(prog="llmtune", description="Config-driven fine-tuning and alignment of language "
-                                "models: sft, rm, dpo, rs (best-of-n) and ppo from one YAML recipe.")
+                                "models: sft, rm, dpo, rs (best-of-n), ppo and rl (grpo, rloo, reinforce++) from one YAML recipe.")
     p.add_argument("--version", action="version", version=f"llmtune {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -1,4 +1,4 @@
-"""PPO maths against values computed by hand (llmtune.ppo.core, and the running reward statistics)."""
+"""PPO maths against values computed by hand (llmtune.rl.core, and the running reward statistics)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from llmtune.ppo import core
 from llmtune.rewards.base import RunningStats
+from llmtune.rl import core
 
 
 def test_masked_mean_and_whiten_ignore_padding() -> None:
@@ -29,8 +29,9 @@ def test_kl_penalty_puts_score_on_last_real_token() -> None:
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
     ref = torch.tensor([[-1.5, -1.0, -3.0], [-2.0, -1.0, -9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    rewards, kl = core.kl_penalised_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
+    kl = core.kl_estimate(logp, ref, "k1") * mask
     torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]]))
+    rewards = core.token_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.1)
     # -0.1 * kl everywhere, plus the score at the last unmasked position; padding is 0.
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 2.0], [-0.1, -1.0, 0.0]]))
 
@@ -61,40 +62,45 @@ def test_gae_stops_at_the_end_of_a_short_response() -> None:
     assert ret.tolist()[0] == pytest.approx([2.0, 2.0, 0.0])
 
 
-def test_policy_loss_clips_and_reports_stats() -> None:
+def test_policy_loss_clips_per_token() -> None:
     old = torch.zeros(1, 3)
     new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))   # ratios 1.5, 0.5, 1.1
     adv = torch.tensor([[1.0, -1.0, 2.0]])
     mask = torch.ones(1, 3)
-    loss, stats = core.policy_loss(new, old, adv, mask, cliprange=0.2)
+    per_token, ratio, clipped = core.policy_loss_per_token(new, old, adv, cliprange=0.2)
     # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(0.5, 0.8) = 0.8 (clipped);
     # token 2: max(-2.2, -2.2) = -2.2 (inside the range).
-    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
-    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
-    log_r = torch.log(torch.tensor([1.5, 0.5, 1.1]))
-    assert stats["approx_kl"].item() == pytest.approx(0.5 * (log_r ** 2).mean().item())
+    assert per_token.tolist()[0] == pytest.approx([-1.2, 0.8, -2.2])
+    assert core.masked_mean(per_token, mask).item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    assert clipped.tolist() == [[True, True, False]]
+    assert ratio.tolist()[0] == pytest.approx([1.5, 0.5, 1.1])
 
 
 def test_value_loss_takes_the_pessimistic_clipped_term() -> None:
     old = torch.tensor([[0.0, 0.0]])
     new = torch.tensor([[1.0, 0.1]])
     returns = torch.tensor([[0.0, 1.0]])
-    loss, clipfrac = core.value_loss(new, old, returns, torch.ones(1, 2), cliprange_value=0.2)
+    per_token, clipped = core.value_loss_per_token(new, old, returns, cliprange_value=0.2)
     # token 0: unclipped (1-0)^2 = 1, clipped (0.2-0)^2 = 0.04 -> 1;
     # token 1: unclipped (0.1-1)^2 = 0.81, clipped (0.1-1)^2 = 0.81 -> 0.81.
-    assert loss.item() == pytest.approx(0.5 * (1.0 + 0.81) / 2)
-    assert clipfrac.item() == 0.0
-    loss, clipfrac = core.value_loss(torch.tensor([[0.5]]), old[:, :1], torch.tensor([[1.0]]), torch.ones(1, 1), 0.2)
+    assert per_token.tolist()[0] == pytest.approx([0.5, 0.405])
+    assert not clipped.any()
+    per_token, clipped = core.value_loss_per_token(torch.tensor([[0.5]]), old[:, :1], torch.tensor([[1.0]]), 0.2)
     # unclipped 0.25, clipped (0.2-1)^2 = 0.64 -> 0.64, counted as clipped
-    assert loss.item() == pytest.approx(0.32)
-    assert clipfrac.item() == 1.0
+    assert per_token.item() == pytest.approx(0.32)
+    assert clipped.item()
 
 
 def test_logprobs_and_entropy() -> None:
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
-    assert core.logprobs_from_logits(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.25))
-    expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
-    assert core.entropy_from_logits(logits).item() == pytest.approx(expected)
+    assert core.token_logprobs(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.25))
+    logp, entropy = core.logprobs_and_entropy(logits, torch.tensor([[1]]))
+    assert logp.item() == pytest.approx(math.log(0.25))
+    assert entropy.item() == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    # At temperature 2 the distribution is softmax(logits / 2): p ~ sqrt(p), renormalised.
+    hot = torch.tensor([0.5, 0.25, 0.25]).sqrt()
+    assert core.token_logprobs(logits, torch.tensor([[0]]), temperature=2.0).item() == pytest.approx(
+        math.log(hot[0] / hot.sum()))
 
 
 def test_kl_controllers() -> None:

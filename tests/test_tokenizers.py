@@ -19,9 +19,8 @@ from llmtune.data.templates import (
     encode_sft_causal,
     install_chat_template,
 )
-from llmtune.modeling.generate import response_mask
+from llmtune.modeling.generate import response_mask, sample
 from llmtune.modeling.load import load_for_inference
-from llmtune.ppo.rollout import sample
 
 LLAMA2 = ROOT.parent / "shared" / "tokenizers" / "llama-2" / "tokenizer.model"
 LLAMA2_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"

@@ -59,5 +59,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
     p.add_argument("--rule-module", action="append", default=[], metavar="MODULE",
                    help="also allow rule rewards (reward.function, rule: judges) from this importable module; "
-                   "by default only llmtune.rewards.rules and llmtune.ppo.rewards_demo")
+                   "by default only llmtune.rewards.rules")
     p.set_defaults(func=cmd_webui)

@@ -10,7 +10,7 @@ validation did. While it is active, every outside reference a recipe can make is
     inside such registry files, DeepSpeed/accelerate configs, hostfile, output_dir): relative to the
     workspace root, never the working directory; symlinks resolved; inside the workspace (data may
     also be `package:` files shipped with llmtune);
-  - models (`ref="model"`: model.name, reward.model, ppo.value_model_path, the UI's model fields): a
+  - models (`ref="model"`: model.name, reward.model, ppo/rl.value_model_path, the UI's model fields): a
     model registry name, or a directory inside the workspace; no `..`, no hub ids, no fall-through
     to the working directory;
   - rule rewards (`ref="rule"`): functions of allow-listed modules only, checked before any import;
@@ -37,7 +37,7 @@ from llmtune.errors import ConfigError, hint, problems
 
 ENV_VAR = "LLMTUNE_CONFINE"  # the workspace root
 RULES_ENV_VAR = "LLMTUNE_CONFINE_RULES"  # comma-separated modules rule rewards may come from
-RULE_MODULES = ("llmtune.rewards.rules", "llmtune.ppo.rewards_demo")
+RULE_MODULES = ("llmtune.rewards.rules",)
 
 
 def _within(path: Path, root: Path) -> bool:

@@ -20,21 +20,25 @@ from llmtune.config.checks.data import check_data
 from llmtune.config.checks.distributed import check_distributed
 from llmtune.config.checks.model import check_model
 from llmtune.config.checks.reward import check_reward
-from llmtune.config.checks.stages import check_stage
+from llmtune.config.checks.stages import GROUPED, check_stage
 from llmtune.errors import ConfigError, hint, problems
 
-STAGES = ("sft", "rm", "dpo", "rs", "ppo")
-Stage = Literal["sft", "rm", "dpo", "rs", "ppo"]
+STAGES = ("sft", "rm", "dpo", "rs", "ppo", "rl")
+Stage = Literal["sft", "rm", "dpo", "rs", "ppo", "rl"]
 
 
 def _f(default: Any = dataclasses.MISSING, *, doc: str, ge: float | None = None, le: float | None = None,
-       gt: float | None = None, lt: float | None = None, factory: Any = None, ref: str | None = None) -> Any:
+       gt: float | None = None, lt: float | None = None, factory: Any = None, ref: str | None = None,
+       same_as: str | None = None) -> Any:
     """A dataclass field carrying its documentation and numeric range (used by README reference).
+
+    `same_as` names another section of the same type whose keys the reference lists instead (stage
+    ppo's `ppo` section is `rl`'s).
 
     `ref` marks a key that reaches outside the recipe: "path" (a file or directory), "data" (a path
     or `package:` data), "model" (a registry name or a model directory), "rule" (a Python function),
     "env" (an environment variable). The web UI confines each kind (config/confine.py)."""
-    meta = {"doc": doc, "ge": ge, "le": le, "gt": gt, "lt": lt, "ref": ref}
+    meta = {"doc": doc, "ge": ge, "le": le, "gt": gt, "lt": lt, "ref": ref, "same_as": same_as}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -110,7 +114,8 @@ class TrainingSection:
         "cosine", doc="Learning-rate schedule.")
     warmup_ratio: float = _f(0.0, doc="Fraction of steps for linear warmup.", ge=0, lt=1)
     warmup_steps: int = _f(0, doc="Warmup steps (overrides warmup_ratio when > 0).", ge=0)
-    batch_size: int = _f(4, doc="Per-device train batch size (stage ppo trains on ppo.mini_batch_size instead).", ge=1)
+    batch_size: int = _f(4, doc="Per-device train batch size (stages ppo and rl train on minibatches of "
+                         "mini_batch_size rollouts instead).", ge=1)
     eval_batch_size: int | None = _f(None, doc="Per-device eval batch size (sft, rm, dpo); default batch_size.", ge=1)
     gradient_accumulation_steps: int = _f(1, doc="Micro-batches per optimizer step.", ge=1)
     weight_decay: float = _f(0.0, doc="AdamW weight decay.", ge=0)
@@ -199,30 +204,90 @@ class RsSection:
     generation_batch_size: int = _f(4, doc="Prompts per generation batch (each sampled num_samples times).", ge=1)
 
 
+
 @dataclass
-class PpoSection:
-    rollout_batch_size: int = _f(16, doc="Prompts sampled per PPO step.", ge=1)
+class RlSection:
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = _f(
+        "ppo", doc="How each response's advantage is estimated; the rest of the loop (sampling, scoring, KL to the "
+        "frozen reference, clipped update) is shared. ppo: a value head and GAE (Schulman et al.); grpo: reward minus "
+        "its group's mean, divided by the group's std (DeepSeekMath); rloo: reward minus the mean of the other samples "
+        "of the same prompt (Ahmadian et al.); reinforce_pp: REINFORCE++, token-level KL in the reward, returns "
+        "normalised over the whole batch (Hu et al.; with num_generations > 1 the group mean is subtracted first). "
+        "Critic-free algorithms allocate no value head.")
+    rollout_batch_size: int = _f(16, doc="Prompts sampled per step (each num_generations times).", ge=1)
+    num_generations: int | None = _f(
+        None, doc="Responses sampled per prompt, in one batched generate call (a group); default 1 for ppo and "
+        "reinforce_pp, 8 for grpo and rloo.", ge=1)
     mini_batch_size: int = _f(4, doc="Rollouts per optimization minibatch (one optimizer step each).", ge=1)
-    ppo_epochs: int = _f(4, doc="Optimization passes over each rollout batch.", ge=1)
-    gamma: float = _f(1.0, doc="GAE discount.", ge=0, le=1)
-    lam: float = _f(0.95, doc="GAE lambda.", ge=0, le=1)
-    cliprange: float = _f(0.2, doc="Policy ratio clip.", gt=0)
-    cliprange_value: float = _f(0.2, doc="Value clip.", gt=0)
-    vf_coef: float = _f(0.1, doc="Value loss coefficient.", ge=0)
-    kl_coef: float = _f(0.05, doc="Initial per-token KL penalty coefficient.", ge=0)
+    ppo_epochs: int | None = _f(
+        None, doc="Optimization passes over each rollout batch; default 4 for ppo, 1 for the critic-free algorithms "
+        "(one pass: the old log-probs are the new ones, so no extra forward pass is spent on them).", ge=1)
+    gamma: float = _f(1.0, doc="Discount (ppo's GAE, reinforce_pp's returns).", ge=0, le=1)
+    lam: float = _f(0.95, doc="GAE lambda (ppo).", ge=0, le=1)
+    cliprange: float = _f(0.2, doc="Policy ratio clip: the ratio is kept within [1 - cliprange, 1 + cliprange_high].",
+                          gt=0)
+    cliprange_high: float | None = _f(
+        None, doc="Upper ratio clip (clip-higher, DAPO: e.g. 0.28 keeps low-probability tokens exploring); default "
+        "cliprange.", gt=0)
+    ratio_threshold: float | None = _f(
+        10.0, doc="Skip (zero the loss of) a micro-batch whose mean ratio new/old policy exceeds this: a guard against "
+        "loss spikes (TRL 0.11's ratio_threshold); counted in skipped_batches.", gt=1)
+    cliprange_value: float = _f(0.2, doc="Value clip (ppo).", gt=0)
+    vf_coef: float = _f(0.1, doc="Value loss coefficient (ppo).", ge=0)
+    kl_coef: float = _f(0.05, doc="Initial KL coefficient (beta); 0 skips the reference model's forward pass.", ge=0)
+    kl_in: Literal["reward", "loss"] | None = _f(
+        None, doc="Where the KL to the reference enters: reward (per token for ppo and reinforce_pp, summed per response "
+        "for grpo and rloo, before their baselines) or loss (beta * KL per token added to the policy loss, as GRPO "
+        "does); default loss for grpo, reward otherwise.")
+    kl_estimator: Literal["k1", "k2", "k3"] | None = _f(
+        None, doc="Per-token KL estimator with r = log p - log p_ref: k1 = r (TRL 0.11's kl), k2 = r^2/2 (mse), k3 = "
+        "exp(-r) - 1 + r (low variance, never negative); default k1 in the reward, k3 in the loss.")
     adaptive_kl: bool = _f(False, doc="Adapt kl_coef towards target_kl.")
     target_kl: float = _f(6.0, doc="Target KL for the adaptive controller.", gt=0)
     kl_horizon: int = _f(10000, doc="Horizon of the adaptive KL controller.", ge=1)
-    whiten_advantages: bool = _f(True, doc="Standardize advantages per batch (zero mean, unit variance).")
-    reward_normalize: bool = _f(False, doc="Standardize the PPO reward (after the missing-EOS penalty) with running statistics over all processes.")
+    scale_rewards: bool = _f(
+        True, doc="grpo: divide by the group's reward std; false: only subtract the mean (Dr. GRPO: no bias towards "
+        "groups that are nearly solved or nearly failed).")
+    skip_zero_variance_groups: bool = _f(
+        True, doc="grpo and rloo: leave groups whose rewards are all equal out of the update (their advantage is 0; "
+        "DAPO's dynamic-sampling filter); counted in zero_variance_groups.")
+    loss_aggregation: Literal["token_mean", "sequence_mean", "token_sum_norm"] = _f(
+        "token_mean", doc="How per-token losses make a minibatch's loss: token_mean (every token of the minibatch "
+        "weighs the same; DAPO, TRL's default 'dapo'), sequence_mean (each response's token mean, then the mean over "
+        "responses; the GRPO paper, TRL 'grpo'), token_sum_norm (the sum divided by responses x max_new_tokens; Dr. "
+        "GRPO, TRL 'dr_grpo').")
+    whiten_advantages: bool = _f(True, doc="ppo: standardize advantages per batch (zero mean, unit variance).")
+    reward_normalize: bool = _f(False, doc="Standardize the reward (after the missing-EOS penalty) with running statistics over all processes.")
     reward_clip: float | None = _f(None, doc="Clip rewards to [-x, x].", gt=0)
     missing_eos_penalty: float | None = _f(None, doc="Subtracted from the reward of responses that do not end.", ge=0)
-    value_model: Literal["shared", "separate"] = _f("shared", doc="Value head on the policy trunk, or a separate model.")
-    value_model_path: str | None = _f(None, doc="Initial weights of a separate value model (default: the reward model).",
-                                      ref="model")
-    sample_every: int = _f(10, doc="Write sample rollouts every N steps.", ge=1)
-    generation: GenerationSection = _f(doc="Rollout sampling settings.", factory=GenerationSection)
-    generation_batch_size: int = _f(4, doc="Prompts per generation batch while sampling rollouts.", ge=1)
+    value_model: Literal["shared", "separate"] = _f(
+        "shared", doc="ppo: value head on the policy trunk, or a separate model.")
+    value_model_path: str | None = _f(
+        None, doc="ppo: initial weights of a separate value model (default: the reward model).", ref="model")
+    sample_every: int = _f(10, doc="Write sample rollouts to samples.jsonl every N steps.", ge=1)
+    generation: GenerationSection = _f(
+        doc="Rollout sampling settings; log-probabilities are computed at the sampling temperature.",
+        factory=GenerationSection)
+    generation_batch_size: int = _f(
+        4, doc="Prompts per generate call while sampling rollouts (each sampled num_generations times in that call) "
+        "and evaluating.", ge=1)
+
+    def __post_init__(self) -> None:
+        """Fill the defaults that depend on the algorithm, so the saved recipe.yaml says what ran."""
+        critic_free = self.algorithm != "ppo"
+        if self.num_generations is None:
+            self.num_generations = 8 if self.algorithm in GROUPED else 1
+        if self.ppo_epochs is None:
+            self.ppo_epochs = 1 if critic_free else 4
+        if self.kl_in is None:
+            self.kl_in = "loss" if self.algorithm == "grpo" else "reward"
+        if self.kl_estimator is None:
+            self.kl_estimator = "k3" if self.kl_in == "loss" else "k1"
+
+    @property
+    def rollouts(self) -> int:
+        """Responses per step and process: prompts x group size."""
+        return self.rollout_batch_size * (self.num_generations or 1)
 
 
 @dataclass
@@ -257,20 +322,33 @@ class DistributedSection:
 
 @dataclass
 class Recipe:
-    stage: Stage = _f(REQUIRED, doc="Training stage: sft, rm, dpo, rs or ppo.")
+    stage: Stage = _f(REQUIRED, doc="Training stage: sft, rm, dpo, rs, ppo or rl (online RL: rl.algorithm ppo, grpo, "
+                      "rloo or reinforce_pp; stage ppo is rl with algorithm ppo, set in the ppo section).")
     model: ModelSection = _f(REQUIRED, doc="The model to train.")
     data: DataSection = _f(REQUIRED, doc="Training (and eval) data.")
     training: TrainingSection = _f(doc="Optimization, logging and saving.", factory=TrainingSection)
     distributed: DistributedSection = _f(doc="Multi-GPU / multi-node settings.", factory=DistributedSection)
     output_dir: str | None = _f(None, doc="Run directory; default runs/<stage>-<model>-<time>.", ref="path")
     description: str = _f("", doc="Free text shown in listings.")
-    reward: RewardSection | None = _f(None, doc="Reward source (rs, ppo).")
+    reward: RewardSection | None = _f(None, doc="Reward source (rs, ppo, rl).")
+    eval_reward: RewardSection | None = _f(
+        None, doc="ppo, rl: a second reward source scored on the same samples, for monitoring only (a judge, a held-out "
+        "checker): reward rising while it falls is reward hacking, visible in metrics.jsonl (eval_reward_mean), "
+        "reward_curve.png and samples.jsonl.")
     rm: RmSection = _f(doc="Reward-model stage settings.", factory=RmSection)
     dpo: DpoSection = _f(doc="DPO stage settings.", factory=DpoSection)
     rs: RsSection = _f(doc="Rejection-sampling stage settings.", factory=RsSection)
-    ppo: PpoSection = _f(doc="PPO stage settings.", factory=PpoSection)
+    ppo: RlSection = _f(doc="Stage ppo's settings: the keys of `rl` (below), with algorithm ppo.", factory=RlSection,
+                        same_as="rl")
+    rl: RlSection = _f(doc="Online RL settings (stage rl): one loop of rollout, score, advantage and clipped update.",
+                       factory=RlSection)
     answers: AnswersSection = _f(doc="Answers to show before and after training (what tuning changed).",
                                  factory=AnswersSection)
+
+    @property
+    def online(self) -> RlSection:
+        """The online-RL section this stage reads: `ppo` for stage ppo, `rl` for stage rl."""
+        return self.ppo if self.stage == "ppo" else self.rl
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -415,6 +493,8 @@ def check(recipe: Recipe, source: str = "recipe", device_checks: bool = True,
     check_data(recipe, errors)
     if recipe.reward is not None:
         check_reward(recipe.reward, "reward", errors, pending)
+    if recipe.eval_reward is not None:
+        check_reward(recipe.eval_reward, "eval_reward", errors, pending)
     check_stage(recipe, spec, errors, pending)
     check_distributed(recipe, errors, device_checks)
     if errors:
@@ -439,6 +519,8 @@ def iter_keys(cls: type = Recipe, prefix: str = "") -> typing.Iterator[tuple[str
         else:
             default = "required"
         yield path, _type_name(tp), default, f.metadata.get("doc", "")
+        if f.metadata.get("same_as"):
+            continue
         if inner and inner[0] is not cls:
             yield from iter_keys(inner[0], path)
         elif list_inner is not None and dataclasses.is_dataclass(list_inner) and list_inner is not cls:

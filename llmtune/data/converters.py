@@ -66,7 +66,8 @@ def _with_source(row: dict[str, Any], source: Any) -> dict[str, Any]:
 
 
 def to_shape(row: dict[str, Any], shape: str) -> dict[str, Any]:
-    """Derive `shape` from a valid canonical row (prompt+chosen is the sft conversation)."""
+    """Derive `shape` from a valid canonical row (prompt+chosen is the sft conversation); the row's
+    extra columns (see `validate`) come along."""
     have = shape_of(row)
     if have == shape:
         return row
@@ -79,7 +80,16 @@ def to_shape(row: dict[str, Any], shape: str) -> dict[str, Any]:
         if not messages or messages[-1]["role"] != "user":
             raise RowProblem("sft conversation has no user turn before its last assistant turn")
         out = {"prompt": messages}
-    return _with_source(out, row.get("source"))
+    return _with_source({**out, **extra_columns(row)}, row.get("source"))
+
+
+CANONICAL_KEYS = ("messages", "prompt", "chosen", "rejected", "source")
+
+
+def extra_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """A canonical row's other columns (a gold `answer`, a `level`): kept with the row so that reward
+    functions receive them as keyword arguments, as TRL passes dataset columns to its reward functions."""
+    return {k: v for k, v in row.items() if k not in CANONICAL_KEYS}
 
 
 def _messages(value: Any, what: str) -> list[Message]:
@@ -95,7 +105,8 @@ def _messages(value: Any, what: str) -> list[Message]:
 
 
 def validate(row: dict[str, Any]) -> dict[str, Any]:
-    """Check a canonical row and return a clean copy (only known keys)."""
+    """Check a canonical row and return a clean copy: its messages normalised, its other columns as
+    they are (`extra_columns`)."""
     shape = shape_of(row)
     if shape == "sft":
         messages = _messages(row["messages"], "messages")
@@ -113,7 +124,7 @@ def validate(row: dict[str, Any]) -> dict[str, Any]:
                 if reply[0]["role"] != "assistant" or reply[-1]["role"] != "assistant":
                     raise RowProblem(f"'{key}' must start and end with an assistant turn")
                 out[key] = reply
-    return _with_source(out, row.get("source"))
+    return _with_source({**out, **extra_columns(row)}, row.get("source"))
 
 
 def _string(row: dict[str, Any], key: str, allow_empty: bool = False) -> str:
@@ -424,6 +435,10 @@ def convert_oasst(records: Iterable[Record], shape: str | None, options: dict[st
 
 
 def _canonical_row(row: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    for column, wanted in (options.get("where") or {}).items():
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        if row.get(column) not in allowed:
+            raise Filtered(f"{column} {row.get(column)!r} is not in {allowed}")
     return row
 
 
@@ -518,7 +533,10 @@ CONVERTERS: dict[str, Format] = {
     "oasst": Format(convert_oasst, "sft", {
         "lang": Option((str,), "keep only messages in this language code (e.g. en); the rest are filtered"),
     }),
-    "canonical": Format(convert_canonical, None, {}),
+    "canonical": Format(convert_canonical, None, {
+        "where": Option((dict,), "keep only rows whose columns hold these values, e.g. {level: [1, 2]} of the "
+                        "arithmetic set; the others are counted as filtered"),
+    }),
     "columns": Format(convert_columns, None, {
         "columns": Option((dict,), "role -> column name mapping (data.columns sets it)"),
     }),

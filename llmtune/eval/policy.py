@@ -32,8 +32,9 @@ def compare(model_ref: str, baseline_ref: str, prompts: list[list[dict[str, str]
     import torch
 
     from llmtune.data.templates import ChatTemplate
+    from llmtune.modeling.generate import Samples, sample
     from llmtune.modeling.load import load_for_inference
-    from llmtune.ppo.rollout import Rollout, sample, token_logprobs
+    from llmtune.rl.rollout import Scorer, keeps_logits
 
     model, tok, spec = load_for_inference(model_ref)
     base, base_tok, base_spec = load_for_inference(baseline_ref)
@@ -43,7 +44,7 @@ def compare(model_ref: str, baseline_ref: str, prompts: list[list[dict[str, str]
     kind = spec.kind
     template = ChatTemplate.get(spec.template)
     decoder_start = getattr(model.config, "decoder_start_token_id", None)
-    rollouts: dict[str, list[Rollout]] = {}
+    rollouts: dict[str, list[Samples]] = {}
     for name, (m, t) in {"model": (model, tok), "baseline": (base, base_tok)}.items():
         torch.manual_seed(seed)
         m.eval()
@@ -54,9 +55,11 @@ def compare(model_ref: str, baseline_ref: str, prompts: list[list[dict[str, str]
     wins = sum(a > b + tie_margin for a, b in zip(scores["model"], scores["baseline"]))
     losses = sum(b > a + tie_margin for a, b in zip(scores["model"], scores["baseline"]))
     kl: list[float] = []
-    for r in rollouts["model"]:
-        diff = token_logprobs(model, r, kind, decoder_start) - token_logprobs(base, r, kind, decoder_start)
-        kl.extend((diff * r.response_mask).sum(1).tolist())
+    scorer = Scorer(kind, decoder_start, 1.0, keeps_logits(model) and keeps_logits(base))
+    with torch.no_grad():
+        for r in rollouts["model"]:
+            diff = scorer(model, r)[0] - scorer(base, r)[0]
+            kl.extend((diff * r.response_mask).sum(1).tolist())
     n = len(prompts)
     return {
         "model": model_ref, "baseline": baseline_ref, "n": n,

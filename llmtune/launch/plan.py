@@ -205,20 +205,20 @@ def _count_offline(job: dict[str, Any]) -> tuple[int, int]:
 
 def micro_batch(recipe: Recipe) -> int:
     """Sequences per device in one forward/backward pass."""
-    if recipe.stage == "ppo":
-        return recipe.ppo.mini_batch_size // recipe.training.gradient_accumulation_steps
+    if recipe.stage in ("ppo", "rl"):
+        return recipe.online.mini_batch_size // recipe.training.gradient_accumulation_steps
     return recipe.training.batch_size
 
 
 def optimizer_steps(rows: int | None, recipe: Recipe, world: int) -> int | None:
     """Steps as transformers counts them: ceil(ceil(rows / (batch x world)) / accum) per epoch; for
-    ppo, its updates: PPO steps x ppo_epochs x minibatches per rollout batch."""
+    online RL (ppo, rl), its updates: steps x ppo_epochs x minibatches per rollout batch."""
     t = recipe.training
-    if recipe.stage == "ppo":
-        p = recipe.ppo
+    if recipe.stage in ("ppo", "rl"):
+        p = recipe.online
         steps = t.max_steps if t.max_steps > 0 else \
             None if rows is None else max(1, math.ceil(t.epochs * rows / (p.rollout_batch_size * world)))
-        return None if steps is None else steps * p.ppo_epochs * (p.rollout_batch_size // p.mini_batch_size)
+        return None if steps is None else steps * (p.ppo_epochs or 1) * (p.rollouts // p.mini_batch_size)
     if t.max_steps > 0:
         return t.max_steps
     if rows is None:

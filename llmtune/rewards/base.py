@@ -22,10 +22,12 @@ class RewardError(LLMTuneError):
 
 @runtime_checkable
 class RewardSource(Protocol):
-    """The one interface the rs and ppo stages use."""
+    """The one interface the rs and online-RL stages use."""
 
-    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
-        """One reward per (prompt, response) pair, in order."""
+    def score(self, prompts: list[list[Message]], responses: list[str], **columns: list[Any]) -> list[float]:
+        """One reward per (prompt, response) pair, in order. `columns` are the prompts' other dataset
+        columns, one list each aligned with the pairs (a gold `answer`): rule functions receive the
+        ones they name, as TRL's reward functions receive dataset columns; other sources ignore them."""
         ...
 
 
@@ -84,8 +86,8 @@ class Normalized:
         self.source = source
         self.running = RunningStats()
 
-    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
-        raw = self.source.score(prompts, responses)
+    def score(self, prompts: list[list[Message]], responses: list[str], **columns: list[Any]) -> list[float]:
+        raw = self.source.score(prompts, responses, **columns)
         self.running.update(raw)
         return [(r - self.running.mean) / self.running.std for r in raw]
 

@@ -77,7 +77,7 @@ class ClassifierReward:
         return self.tok(responses, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
 
     @torch.no_grad()
-    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[list[Message]], responses: list[str], **columns: list[Any]) -> list[float]:
         check_pairs(prompts, responses)
         dev = next(self.model.parameters()).device
         out: list[float] = []

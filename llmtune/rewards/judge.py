@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from llmtune.config.schema import GenerationSection, RewardSection
 from llmtune.errors import ConfigError
@@ -165,7 +166,7 @@ class JudgeReward:
         texts = [fill(self.template, p, r, self.low, self.high) for p, r in zip(prompts, responses)]
         return self.backend.complete(texts)
 
-    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[list[Message]], responses: list[str], **columns: list[Any]) -> list[float]:
         scores = []
         for answer in self.answers(prompts, responses):
             value = parse_score(answer, self.low, self.high)

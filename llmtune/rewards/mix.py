@@ -12,6 +12,8 @@ Components with `normalize: true` are standardized with running statistics first
 
 from __future__ import annotations
 
+from typing import Any
+
 from llmtune.rewards.base import Message, RewardSource, check_pairs, reward_stats
 
 
@@ -22,11 +24,11 @@ class MixReward:
     def __init__(self, parts: list[tuple[float, str, RewardSource]]):
         self.parts = parts
 
-    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[list[Message]], responses: list[str], **columns: list[Any]) -> list[float]:
         check_pairs(prompts, responses)
         total = [0.0] * len(responses)
         for weight, _, source in self.parts:
-            for i, s in enumerate(source.score(prompts, responses)):
+            for i, s in enumerate(source.score(prompts, responses, **columns)):
                 total[i] += weight * s
         return total
 

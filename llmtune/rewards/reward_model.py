@@ -147,7 +147,7 @@ class RewardModelScorer:
         return encode_reward_input(self.tok, self.template, self.kind, prompt, response, self.max_length)
 
     @torch.no_grad()
-    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[list[Message]], responses: list[str], **columns: list[Any]) -> list[float]:
         """One scalar reward per (prompt, response); batches are formed by length to pad little."""
         check_pairs(prompts, responses)
         encoded = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]

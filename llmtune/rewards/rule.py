@@ -5,9 +5,12 @@
 Calling convention, decided by the function's first parameter name:
   - `prompts` → batch: `fn(prompts, responses, **kwargs) -> list[float]` (one call per batch);
   - anything else → per sample: `fn(prompt, response, **kwargs) -> float`.
-`prompt`/`prompts` are canonical message lists, responses plain strings. The module must be
-importable (installed, or on PYTHONPATH / the working directory). Under the web UI's confinement
-only allow-listed modules are imported (`llmtune webui --rule-module`).
+`prompt`/`prompts` are canonical message lists, responses plain strings. Dataset columns travel
+along as TRL's reward functions receive them: a parameter named like a column of the prompt rows
+(`answer` in `numeric_answer(prompt, response, answer)`) gets the row's value (batch form: the list
+of values), unless `reward.kwargs` sets it; a function with `**kwargs` gets every column. The module
+must be importable (installed, or on PYTHONPATH / the working directory). Under the web UI's
+confinement only allow-listed modules are imported (`llmtune webui --rule-module`).
 """
 
 from __future__ import annotations
@@ -28,16 +31,33 @@ class RuleReward:
         self.name = section.function or ""
         self.fn = import_function(self.name, f"{where}.function")
         self.kwargs = dict(section.kwargs)
-        params = list(inspect.signature(self.fn).parameters)
-        self.batched = bool(params) and params[0] == "prompts"
+        params = inspect.signature(self.fn).parameters
+        names = list(params)
+        self.batched = bool(names) and names[0] == "prompts"
+        self.every_column = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self.named = {n for n, p in list(params.items())[2:]
+                      if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        # Parameters without a default that the recipe does not set can only come from the data.
+        self.required = {n for n in self.named - self.kwargs.keys() if params[n].default is inspect.Parameter.empty}
 
-    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float]:
+    def columns_for(self, columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """The columns this function receives, each a list aligned with the responses."""
+        missing = self.required - columns.keys()
+        if missing:
+            raise RewardError(f"reward function {self.name} needs the dataset column(s) {', '.join(sorted(missing))}, "
+                              f"which the prompt rows do not have (their columns: {', '.join(sorted(columns)) or 'none'})")
+        return {k: v for k, v in columns.items()
+                if k not in self.kwargs and (self.every_column or k in self.named)}
+
+    def score(self, prompts: list[list[Message]], responses: list[str], **columns: list[Any]) -> list[float]:
         check_pairs(prompts, responses)
+        given = self.columns_for(columns)
         try:
             if self.batched:
-                out = list(self.fn(prompts, responses, **self.kwargs))
+                out = list(self.fn(prompts, responses, **given, **self.kwargs))
             else:
-                out = [self.fn(p, r, **self.kwargs) for p, r in zip(prompts, responses)]
+                out = [self.fn(p, r, **{k: v[i] for k, v in given.items()}, **self.kwargs)
+                       for i, (p, r) in enumerate(zip(prompts, responses))]
         except Exception as exc:  # the user's function: say which one failed and how, not a bare traceback
             raise RewardError(f"reward function {self.name} failed: {type(exc).__name__}: {exc}") from exc
         if len(out) != len(responses):

@@ -1,18 +1,27 @@
-"""Example rule rewards to use as `reward.function: llmtune.rewards.rules:<name>`, or to copy.
+"""Rule rewards to use as `reward.function: llmtune.rewards.rules:<name>`, or to copy.
 
 Per-sample functions take `(prompt, response, **kwargs)`; `distinct_ngrams` shows the batch form
-(first parameter `prompts`). `target_length` and `keyword_density` give a dense signal that even a
-random-init tiny model can climb in a few minutes (the rs/ppo quickstarts use them); the others are
-the shaping terms people usually mix in (length limits, formats, repetition).
+(first parameter `prompts`). A parameter named like a dataset column (`answer`) receives that row's
+value (see `llmtune.rewards.rule`). `numeric_answer` is a verifiable reward: it checks the final
+number against the row's gold answer (the `arithmetic` data set, GSM8K-style tasks).
+`target_length`, `keyword_density` and `char_fraction` give a dense signal that even a random-init
+tiny model can climb in a few minutes; the others are the shaping terms people usually mix in
+(length limits, formats, repetition).
+
+No llmtune imports at run time: benchmarks/ppo_trl011_baseline.py loads this file by path in a
+virtualenv without llmtune, so both PPO implementations are scored by the very same function.
 """
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from llmtune.rewards.base import Message
+if TYPE_CHECKING:
+    from llmtune.rewards.base import Message
 
 _WORD = re.compile(r"\w+")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def _words(text: str) -> list[str]:
@@ -70,3 +79,29 @@ def distinct_ngrams(prompts: list[list[Message]], responses: list[str], n: int =
         grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
         out.append(len(set(grams)) / len(grams) if grams else 0.0)
     return out
+
+
+def final_number(text: str) -> float | None:
+    """The last number in a text ("1,200" reads 1200), or None; how GSM8K-style answers are read."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def numeric_answer(prompt: list[Message], response: str, answer: float | int | str, reward: float = 1.0,
+                   penalty: float = 0.0) -> float:
+    """`reward` when the response's final number equals the row's gold `answer` (a dataset column),
+    else `penalty`: the checker of the `arithmetic` data set."""
+    got = final_number(response)
+    return reward if got is not None and abs(got - float(answer)) < 1e-6 else penalty
+
+
+def char_fraction(prompt: list[Message], response: str, chars: str = "0123456789") -> float:
+    """Fraction of a response's non-space characters that are in `chars` (0 when empty): a dense signal
+    a random-init model climbs by itself in a few dozen steps, for smoke tests."""
+    visible = [c for c in response if not c.isspace()]
+    return sum(c in chars for c in visible) / len(visible) if visible else 0.0

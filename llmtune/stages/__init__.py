@@ -6,7 +6,7 @@ import importlib
 from types import ModuleType
 
 MODULES = {"sft": "llmtune.stages.sft", "rm": "llmtune.stages.rm", "dpo": "llmtune.stages.dpo",
-           "rs": "llmtune.stages.rs", "ppo": "llmtune.stages.ppo"}
+           "rs": "llmtune.stages.rs", "ppo": "llmtune.stages.rl", "rl": "llmtune.stages.rl"}
 
 
 def get(stage: str) -> ModuleType:

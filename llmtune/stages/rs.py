@@ -23,6 +23,7 @@ checkpoint. Ctrl-C stops between generation batches or at the next optimizer ste
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -35,14 +36,16 @@ import numpy as np
 import torch
 
 from llmtune.config.schema import Recipe, RsSection
-from llmtune.data.templates import ChatTemplate, Message, encode_prompt_response
+from llmtune.data.templates import ChatTemplate, encode_prompt_response
 from llmtune.errors import ConfigError, DataError, LLMTuneError
 from llmtune.modeling.generate import generate
 from llmtune.modeling.load import device, load_for_training, save_model
 from llmtune.rewards import RewardSource, build_reward, reward_stats
+from llmtune.rl.heldout import row_columns
 from llmtune.runs.rundir import RunDir
 from llmtune.stages.common import Context, data_rows, run_trainer, to_dataset
 from llmtune.stages.sft import sft_trainer
+from llmtune.stages.tracking import Trackers
 
 log = logging.getLogger("llmtune.rs")
 
@@ -56,14 +59,12 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
         raise ConfigError(f"output_dir: {ctx.run.path} already holds rejection-sampling rounds; pass --resume "
                           "to continue them or choose another --output-dir")
     train_rows, _ = data_rows(recipe, SHAPE)
-    prompts = [row["prompt"] for row in train_rows]
-    if not prompts:
+    if not train_rows:
         raise DataError("data: no prompts to sample from")
     assert recipe.reward is not None  # the schema requires a reward source for stage rs
     reward = build_reward(recipe.reward)  # before the policy: a reward that cannot load fails fast
     model, tok, spec = load_for_training(recipe)
     template = ChatTemplate.get(spec.template)
-    kind = spec.kind
 
     rounds = [Round(root, k) for k in range(1, rs.iterations + 1)]
     finished = [r for r in rounds if r.done]
@@ -73,14 +74,26 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
                               f"{finished[-1].model_dir} is gone (full weights are kept for the latest round only)")
         restore(model, finished[-1].model_dir)
         log.info("resuming after round %d of %d", finished[-1].k, rs.iterations)
-    summary: dict[str, Any] = {"prompts": len(prompts), "rounds": [r.info() for r in finished]}
+    summary: dict[str, Any] = {"prompts": len(train_rows), "rounds": [r.info() for r in finished]}
     steps = finished[-1].info()["global_step"] if finished else 0  # optimizer steps over all rounds
     if not getattr(model.config, "quantization_config", None):
         model.to(device())
+    trackers = Trackers(recipe, ctx.run)
+    try:
+        return _rounds(rounds[len(finished):], model, tok, spec, template, train_rows, reward, recipe, ctx, trackers,
+                       summary, steps)
+    finally:
+        trackers.close()
 
-    for rd in rounds[len(finished):]:
+
+def _rounds(todo: list[Round], model: Any, tok: Any, spec: Any, template: ChatTemplate, rows: list[dict[str, Any]],
+            reward: RewardSource, recipe: Recipe, ctx: Context, trackers: Trackers, summary: dict[str, Any],
+            steps: int) -> dict[str, Any]:
+    """The rounds still to do; every metrics row also goes to the recipe's trackers."""
+    rs, kind = recipe.rs, spec.kind
+    for rd in todo:
         rd.path.mkdir(parents=True, exist_ok=True)
-        samples = sample(model, tok, template, kind, prompts, reward, recipe, ctx, rd)
+        samples = sample(model, tok, template, kind, rows, reward, recipe, ctx, rd)
         if ctx.stop:
             return summary
         kept, bar, pct = select(samples, rs, rd.k)
@@ -92,7 +105,9 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
                         stats["nonfinite_scores"], len(samples) * rs.num_samples)
         if not rd.kept_file.exists():  # fresh selection (on resume it was logged already)
             ctx.run.append_jsonl(rd.rel("kept.jsonl"), kept)
-            ctx.run.log_metrics(steps, {"round": rd.k, **stats, **reward_stats(reward)})
+            row = {"round": rd.k, **stats, **reward_stats(reward)}
+            ctx.run.log_metrics(steps, row)
+            trackers.log(row, steps)
         log.info("round %d/%d: reward mean %.4g, best-of-%d mean %.4g, kept %d/%d (score >= %.4g)", rd.k,
                  rs.iterations, stats["reward_mean"], rs.num_samples, stats["reward_best_mean"], len(kept),
                  len(samples), bar)
@@ -101,7 +116,7 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
         if kept:
             # Round dirs only exist in resumed runs (see the guard above): a checkpoint here is ours.
             resume = (rd.path / "checkpoints").is_dir()
-            round_ctx = Context(run=RoundRun(ctx.run, rd, steps), resume=resume, stop=ctx.stop)
+            round_ctx = Context(run=RoundRun(ctx.run, rd, steps, trackers), resume=resume, stop=ctx.stop)
             train = fine_tune(model, tok, template, kind, kept, recipe, round_ctx)
             if ctx.stop:
                 return summary
@@ -113,7 +128,7 @@ def run(recipe: Recipe, ctx: Context) -> dict[str, Any]:
         ctx.run.write_json(rd.rel("done.json"), info)
         shutil.rmtree(rd.path / "checkpoints", ignore_errors=True)
         if recipe.model.finetuning == "full" and rd.k > 1:  # full weights are big: keep the latest only
-            shutil.rmtree(rounds[rd.k - 2].model_dir, ignore_errors=True)
+            shutil.rmtree(Round(rd.path.parent, rd.k - 1).model_dir, ignore_errors=True)
         summary["rounds"].append(info)
 
     save_model(model, tok, ctx.run.model_dir, spec, recipe, kind)
@@ -161,19 +176,23 @@ class Round:
 
 class RoundRun(RunDir):
     """The run directory as one round's trainer sees it: checkpoints under the round, and steps
-    shifted so metrics.jsonl counts optimizer steps across all rounds (and resume truncates right)."""
+    shifted so metrics.jsonl (and the trackers) count optimizer steps across all rounds (and resume
+    truncates right)."""
 
-    def __init__(self, run: RunDir, rd: Round, step_offset: int):
+    def __init__(self, run: RunDir, rd: Round, step_offset: int, trackers: Trackers):
         super().__init__(run.path)
         self.round = rd
         self.offset = step_offset
+        self.trackers = trackers
 
     @property
     def checkpoints(self) -> Path:
         return self.round.path / "checkpoints"
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
-        super().log_metrics(self.offset + step, {"round": self.round.k, **metrics})
+        row = {"round": self.round.k, **metrics}
+        super().log_metrics(self.offset + step, row)
+        self.trackers.log(row, self.offset + step)
 
     def truncate_metrics(self, after_step: int) -> None:
         super().truncate_metrics(self.offset + after_step)
@@ -183,20 +202,24 @@ class RoundRun(RunDir):
         self.truncate_metrics(0)
 
 
-def sample(model: Any, tok: Any, template: ChatTemplate, kind: str, prompts: list[list[Message]],
+def sample(model: Any, tok: Any, template: ChatTemplate, kind: str, prompt_rows: list[dict[str, Any]],
            reward: RewardSource, recipe: Recipe, ctx: Context, rd: Round) -> list[dict[str, Any]]:
-    """num_samples responses per prompt, scored, appended to samples.jsonl batch by batch."""
+    """num_samples responses per prompt, scored (with the rows' dataset columns), appended to
+    samples.jsonl batch by batch."""
     n = recipe.rs.num_samples
     batch = recipe.rs.generation_batch_size
     max_prompt = recipe.data.prompt_length
-    rows = rd.read_samples()[: len(prompts)]
-    for start in range(len(rows), len(prompts), batch):
+    rows = rd.read_samples()[: len(prompt_rows)]
+    for start in range(len(rows), len(prompt_rows), batch):
         if ctx.stop:
             break
-        chunk = prompts[start:start + batch]
+        chunk = [r["prompt"] for r in prompt_rows[start:start + batch]]
+        columns = {k: [v for v in values for _ in range(n)]
+                   for k, values in row_columns(prompt_rows[start:start + batch]).items()}
         responses = generate(model, tok, template, kind, chunk, recipe.rs.generation, max_prompt_length=max_prompt,
                              num_return_sequences=n, batch_size=batch)
-        scores = reward.score([p for p in chunk for _ in range(n)], [r for group in responses for r in group])
+        scores = reward.score([p for p in chunk for _ in range(n)], [r for group in responses for r in group],
+                              **columns)
         new = [{"index": start + i, "prompt": p, "responses": group, "scores": scores[i * n:(i + 1) * n]}
                for i, (p, group) in enumerate(zip(chunk, responses))]
         ctx.run.append_jsonl(rd.rel("samples.jsonl"), new)
@@ -249,7 +272,10 @@ def fine_tune(model: Any, tok: Any, template: ChatTemplate, kind: str, kept: lis
         return {"input_ids": enc["input_ids"], "labels": enc["labels"]}
 
     dataset = to_dataset(kept, encode, "tokenising kept samples")
-    trainer = sft_trainer(recipe, ctx, model, tok, kind, dataset, None)
+    # The round's metrics reach the trackers through RoundRun (step-shifted); the round's own Trainer would
+    # log into its checkpoint directory, which is deleted once the round is done.
+    quiet = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, report_to=[]))
+    trainer = sft_trainer(quiet, ctx, model, tok, kind, dataset, None)
     result = run_trainer(trainer, ctx)
     del trainer
     if torch.cuda.is_available():

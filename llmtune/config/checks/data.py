@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from llmtune.config.schema import DatasetSection, Recipe
 
 # The canonical shape each stage trains on.
-STAGE_SHAPE = {"sft": "sft", "rm": "preference", "dpo": "preference", "rs": "prompt", "ppo": "prompt"}
+STAGE_SHAPE = {"sft": "sft", "rm": "preference", "dpo": "preference", "rs": "prompt", "ppo": "prompt", "rl": "prompt"}
 
 
 def check_data(recipe: Recipe, errors: list[str]) -> None:

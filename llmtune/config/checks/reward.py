@@ -111,8 +111,8 @@ def _check_rule(r: RewardSection, where: str, errors: list[str]) -> None:
     except ConfigError as exc:
         errors.append(str(exc))
         return
-    try:
-        inspect.signature(fn).bind(None, None, **r.kwargs)
+    try:  # partial: parameters neither given here nor defaulted are the dataset's columns (e.g. `answer`)
+        inspect.signature(fn).bind_partial(None, None, **r.kwargs)
     except TypeError as exc:
         errors.append(f"{where}.kwargs: {r.function} does not accept {r.kwargs}: {exc}")
 

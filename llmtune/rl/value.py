@@ -1,5 +1,6 @@
-"""The critic: a value head on the policy's own trunk (shared, no extra model), or a separate value
-model (a trunk initialised from the reward model or `ppo.value_model_path`, plus a value head).
+"""The critic of algorithm ppo: a value head on the policy's own trunk (shared, no extra model), or a
+separate value model (a trunk initialised from the reward model or `value_model_path`, plus a value
+head). Critic-free algorithms (grpo, rloo, reinforce_pp) never build one.
 
 `ActorCritic` bundles policy and critic into one `nn.Module` so accelerate/DDP prepares, wraps
 and synchronises both with a single `prepare` call.
@@ -37,8 +38,8 @@ def hidden_size(config: Any) -> int:
 
 
 class ActorCritic(nn.Module):
-    """Policy plus critic. `forward` returns (logits over the response positions' vocabulary,
-    values per position) from one pass when the critic shares the trunk."""
+    """Policy plus critic. `forward` takes the policy's keyword inputs and returns (logits, values per
+    position), from one pass when the critic shares the trunk."""
 
     def __init__(self, policy: nn.Module, kind: str, value_model: nn.Module | None = None,
                  score_head: nn.Linear | None = None):
@@ -59,8 +60,8 @@ class ActorCritic(nn.Module):
             # The head stays float32 for stable regression targets; hidden states are upcast.
             self.value_head.float()
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.policy(**batch, output_hidden_states=True, use_cache=False)
+    def forward(self, **batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.policy(**batch, output_hidden_states=True)
         if self.value_model is None:
             hidden = out.decoder_hidden_states[-1] if self.kind == "seq2seq" else out.hidden_states[-1]
         else:
@@ -81,14 +82,15 @@ def load_value_model(ref: str, recipe: Any, policy_vocab: int) -> tuple[nn.Modul
 
     kind = resolve_kind(resolve_model(ref))
     if kind != "causal":
-        raise ConfigError(f"ppo.value_model_path: the separate value model '{ref}' is a {kind} model; it must "
-                          "be a decoder (causal) model sharing the policy's tokenizer, or use ppo.value_model: shared")
+        raise ConfigError(f"{recipe.stage}.value_model_path: the separate value model '{ref}' is a {kind} model; it "
+                          "must be a decoder (causal) model sharing the policy's tokenizer, or use "
+                          f"{recipe.stage}.value_model: shared")
     model, _, spec = load_for_inference(ref, head="classifier", dtype=recipe.model.dtype)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     vocab = model.get_input_embeddings().weight.shape[0]
     if vocab != policy_vocab:
-        raise ConfigError(f"ppo.value_model_path: '{ref}' has a vocabulary of {vocab} tokens but the policy has "
+        raise ConfigError(f"{recipe.stage}.value_model_path: '{ref}' has a vocabulary of {vocab} tokens but the policy has "
                           f"{policy_vocab}; the value model must share the policy's tokenizer")
     # Only a trained reward model's score head is worth keeping; a fresh one is random noise.
     trained = spec.extra.get("head") == "classifier"
