@@ -211,14 +211,15 @@ class RowSampler:
                 warps.append(TopKLogitsWarper(top_k))
             if top_p < 1.0:
                 warps.append(TopPLogitsWarper(top_p))
-            if warps:
-                self.warpers.append((torch.tensor(idx, device=device), warps))
+            if warps:  # None: every row of the batch
+                self.warpers.append((None if len(idx) == len(rows) else torch.tensor(idx, device=device), warps))
         self.seeded = [(i, _generator(r.seed, device)) for i, r in enumerate(rows)
                        if r.temperature > 0 and r.seed is not None]
         fresh = [i for i, r in enumerate(rows) if r.temperature > 0 and r.seed is None]
         self.fresh = torch.tensor(fresh, device=device) if fresh else None
         self.fresh_generator = _generator(None, device)
         self.min_new = torch.tensor([r.min_new_tokens for r in rows], device=device)
+        self.min_until = max(r.min_new_tokens for r in rows)  # no EOS blocking from this step on
         rep = [i for i, r in enumerate(rows) if r.repetition_penalty != 1.0]
         self.rep = (torch.tensor(rep, device=device),
                     torch.tensor([[rows[i].repetition_penalty] for i in rep], device=device)) if rep else None
@@ -250,13 +251,16 @@ class RowSampler:
             if generated > 0:
                 self.counts.scatter_add_(1, input_ids[:, -1:], torch.ones_like(scores[:, :1]))
             scores = scores - self.frequency * self.counts - self.presence * (self.counts > 0)
-        if self.eos_id is not None:
+        if self.eos_id is not None and generated < self.min_until:
             scores[generated < self.min_new, self.eos_id] = -float("inf")
         for idx, warps in self.warpers:
-            warped = scores[idx]
+            rows_ids, warped = (input_ids, scores) if idx is None else (input_ids[idx], scores[idx])
             for warp in warps:
-                warped = warp(input_ids[idx], warped)
-            scores[idx] = warped
+                warped = warp(rows_ids, warped)
+            if idx is None:
+                scores = warped
+            else:
+                scores[idx] = warped
         for i, generator in self.seeded:
             scores[i] -= _gumbel((scores.shape[1],), generator, scores.device)
         if self.fresh is not None:
@@ -279,15 +283,16 @@ def _gumbel(shape: tuple[int, ...], generator: torch.Generator, device: torch.de
 class RowStops:
     """A stopping criterion that ends each row on its own: EOS, one of its stop strings (over the
     generated tokens only), its max_new_tokens, or its cancel check. It records each row's length and
-    why it ended ("eos", "stop", "length", "cancelled") and the step it ended at."""
+    why it ended ("eos", "stop", "length", "cancelled") and the step it ended at. The bookkeeping is
+    plain Python over one list of last tokens: a handful of rows, every step, costs less so than
+    a dozen small tensor operations."""
 
-    def __init__(self, tok: Any, rows: Sequence[RowSpec], start: int, eos_id: int | None, device: torch.device):
+    def __init__(self, tok: Any, rows: Sequence[RowSpec], start: int, eos_id: int | None):
         from transformers import StopStringCriteria
 
         self.start, self.eos_id = start, eos_id
-        self.limits = torch.tensor([r.max_new_tokens for r in rows], device=device)
-        self.lengths = torch.zeros(len(rows), dtype=torch.long, device=device)
-        self.done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        self.limits = [r.max_new_tokens for r in rows]
+        self.lengths = [0] * len(rows)
         self.reasons: list[str | None] = [None] * len(rows)
         self.finished_at: list[int | None] = [None] * len(rows)
         self.step = 0
@@ -295,32 +300,27 @@ class RowStops:
         for i, r in enumerate(rows):
             if r.stops:
                 by_stops.setdefault(tuple(sorted(set(r.stops))), []).append(i)
-        self.stop_groups = [(torch.tensor(idx, device=device), StopStringCriteria(tok, list(stops)))
-                            for stops, idx in by_stops.items()]
-        self.cancels = [(i, r.cancelled) for i, r in enumerate(rows) if r.cancelled is not None]
+        self.stop_groups = [(idx, StopStringCriteria(tok, list(stops))) for stops, idx in by_stops.items()]
+        self.cancels = [r.cancelled for r in rows]
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         self.step += 1
-        alive = ~self.done
-        self.lengths += alive.long()
-        last = input_ids[:, -1]
-        eos = alive & (last == self.eos_id) if self.eos_id is not None else torch.zeros_like(alive)
-        stop = torch.zeros_like(alive)
+        last = input_ids[:, -1].tolist()
+        stopped: set[int] = set()
         for idx, criterion in self.stop_groups:
-            stop[idx] = criterion(input_ids[idx, self.start:], None)
-        stop &= alive & ~eos
-        limit = alive & ~eos & ~stop & (self.lengths >= self.limits)
-        cancel = torch.zeros_like(alive)
-        for i, cancelled in self.cancels:
-            cancel[i] = bool(cancelled())
-        cancel &= alive & ~eos & ~stop & ~limit
-        ended = eos | stop | limit | cancel
-        if ended.any():
-            for reason, hit in (("eos", eos), ("stop", stop), ("length", limit), ("cancelled", cancel)):
-                for i in hit.nonzero().flatten().tolist():
-                    self.reasons[i], self.finished_at[i] = reason, self.step
-            self.done |= ended
-        return self.done.clone()
+            hits = criterion(input_ids[idx, self.start:], None).tolist()
+            stopped.update(i for i, hit in zip(idx, hits) if hit)
+        for i, token in enumerate(last):
+            if self.reasons[i] is not None:
+                continue
+            self.lengths[i] += 1
+            cancelled = self.cancels[i]
+            reason = ("eos" if token == self.eos_id else "stop" if i in stopped
+                      else "length" if self.lengths[i] >= self.limits[i]
+                      else "cancelled" if cancelled is not None and cancelled() else None)
+            if reason is not None:
+                self.reasons[i], self.finished_at[i] = reason, self.step
+        return torch.tensor([r is not None for r in self.reasons], device=input_ids.device)
 
 
 class RowStreamer:
@@ -358,7 +358,7 @@ def sample_rows(model: Any, tok: Any, kind: str, prompts: Sequence[Sequence[int]
                                                       "right" if kind == "seq2seq" else "left").items()}
     start = 1 if kind == "seq2seq" else batch["input_ids"].shape[1]
     eos = tok.eos_token_id
-    stops = RowStops(tok, rows, start, eos, device)
+    stops = RowStops(tok, rows, start, eos)
     gen = GenerationSection(max_new_tokens=max(r.max_new_tokens for r in rows), min_new_tokens=0, do_sample=False)
     extra: dict[str, Any] = {"streamer": RowStreamer(stops, on_token)} if on_token is not None else {}
     from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -366,7 +366,7 @@ def sample_rows(model: Any, tok: Any, kind: str, prompts: Sequence[Sequence[int]
     seqs = model.generate(**batch, **generation_kwargs(gen, tok),
                           logits_processor=LogitsProcessorList([RowSampler(rows, start, eos, device)]),
                           stopping_criteria=StoppingCriteriaList([stops]), **extra)
-    return _samples(tok, kind, batch, seqs, [r.stops for r in rows], stops.lengths.tolist(), 1)
+    return _samples(tok, kind, batch, seqs, [r.stops for r in rows], stops.lengths, 1)
 
 
 @torch.no_grad()
