@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--new", default=ROOT, type=Path, help="checkout measured (default: this one)")
     ap.add_argument("--models", nargs="+", default=["tiny-llama", "smollm2-135m-instruct"])
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
-    ap.add_argument("--requests", type=int, default=32, help="requests per measurement (at least 2 x concurrency)")
+    ap.add_argument("--requests", type=int, default=32, help="requests per measurement (at least the concurrency)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="A/B rounds per concurrency")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of each server")
@@ -89,7 +89,7 @@ def main() -> None:
             for rnd in range(args.rounds):
                 for conc in args.concurrency:
                     for side in (("old", "new") if rnd % 2 == 0 else ("new", "old")):
-                        r = measure(clients[side], model, conc, max(args.requests, 2 * conc), args.max_tokens)
+                        r = measure(clients[side], model, conc, max(args.requests, conc), args.max_tokens)
                         results.setdefault((side, conc), []).append(r)
                         print(json.dumps({"model": model, "engine": side, "concurrency": conc, "round": rnd,
                                           **{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}}),
@@ -99,7 +99,7 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=30)
 
-        def med(side: str, conc: int, key: str) -> float:
+        def med(side: str, conc: int, key: str, results: dict = results) -> float:
             return statistics.median(r[key] for r in results[(side, conc)])
 
         for conc in args.concurrency:

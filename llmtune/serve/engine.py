@@ -449,7 +449,9 @@ class Engine:
     def complete_many(self, requests: Sequence[tuple[list[Message], Settings]]) -> list[Completion]:
         """Answers to many conversations at once, generated in as few batches as the engine allows."""
         self._need_generator()
-        jobs = [self.submit(self._trimmed(m, s), s, self.stops(s), block=True) for m, s in requests]
+        prompts = [self._trimmed(m, s) for m, s in requests]
+        with self._cv:  # queued together (the lock is re-entrant; a full queue's wait releases it)
+            jobs = [self.submit(p, s, self.stops(s), block=True) for p, (_, s) in zip(prompts, requests)]
         try:
             return [job.future.result() for job in jobs]
         finally:
