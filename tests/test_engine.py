@@ -97,3 +97,20 @@ def test_incremental_decoding_never_splits_a_character(engine: Engine) -> None:
     assert "".join(pieces) == engine.tok.decode(ids, skip_special_tokens=True)
     assert not any("\ufffd" in p for p in pieces)
     assert sum(1 for p in pieces if p) < len(ids)  # byte tokens of one character were held back together
+
+
+def test_sample_rows_ends_each_row_on_its_own(engine: Engine) -> None:
+    """The core under the engine: rows of one batch with their own lengths are masked at their own end."""
+    import torch
+
+    from llmtune.modeling.generate import RowSpec, sample_rows
+
+    ids = engine.prompt_ids(HELLO)
+    seen: list[tuple[int, int, str | None]] = []
+    rows = [RowSpec(max_new_tokens=3, temperature=0, min_new_tokens=3), RowSpec(max_new_tokens=7, seed=1, min_new_tokens=7)]
+    with torch.inference_mode():
+        s = sample_rows(engine.model, engine.tok, engine.kind, [ids, ids[3:]], rows, lambda *t: seen.append(t))
+    assert s.lengths == [3, 7] and s.finish_reasons == ["length", "length"]
+    assert (s.response_ids[0, 3:] == engine.tok.pad_token_id).all()
+    assert [t for r, t, _ in seen if r == 0] == s.response_ids[0, :3].tolist()  # streamed as generated
+    assert [(r, why) for r, _, why in seen if why] == [(0, "length"), (1, "length")]

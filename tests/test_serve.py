@@ -42,8 +42,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "stage: rm\nmodel: {name: tiny-llama, finetuning: full}\n"
         f"data: {{name: hh, path: {ROOT / 'tests/fixtures/raw/hh'}, max_length: 64}}\n"
         "training: {max_steps: 2, batch_size: 4, logging_steps: 1}\n")
-    return {"full": _train(root, "full"), "lora": _train(root, "lora", "model.finetuning=lora"),
+    runs = {"full": _train(root, "full", "training.threads=1"), "lora": _train(root, "lora", "model.finetuning=lora"),
             "rm": _train(root, "rm", recipe=str(rm_recipe))}
+    assert "CPU threads: 1 (training.threads)" in (runs["full"] / "train.log").read_text()
+    return runs
 
 
 class Client:
@@ -427,7 +429,7 @@ def busy() -> Iterator[Client]:
     """A server with room for two waiting requests per model (tiny-t5: an answer without a context limit)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmtune.cli", "serve", "tiny-t5", "--port", "0", "--api-key", API_KEY,
-         "--max-queue", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+         "--max-queue", "2", "--threads", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env=os.environ.copy())
     try:
         assert proc.stdout is not None
@@ -477,3 +479,9 @@ def test_batching_queue_full_and_disconnect(busy: Client) -> None:
     assert end["batches"] - start["batches"] == 2 and end["requests"] - start["requests"] == 3
     assert end["largest_batch"] >= 2 and end["cancelled"] - start["cancelled"] == 1
     assert end["rejected"] - start["rejected"] == 1
+
+
+@pytest.mark.parametrize("flag", [["--threads", "0"], ["--max-queue", "0"], ["--max-batch-size", "0"]])
+def test_bad_serve_flags_exit_2(flag: list[str]) -> None:
+    proc = run_cli("serve", "tiny-llama", "--port", "0", *flag, timeout=120)
+    assert proc.returncode == 2 and flag[0] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -185,6 +185,12 @@ class RowSpec:
     cancelled: Callable[[], bool] | None = None  # polled every step: True ends the row at once
 
 
+def row_spec(gen: GenerationSection, seed: int | None = None, stops: tuple[str, ...] = ()) -> RowSpec:
+    """A recipe's generation settings as one row's spec (greedy when do_sample is off)."""
+    return RowSpec(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature if gen.do_sample else 0.0,
+                   top_p=gen.top_p, top_k=gen.top_k, seed=seed, min_new_tokens=gen.min_new_tokens,
+                   repetition_penalty=gen.repetition_penalty, stops=stops)
+
 class RowSampler:
     """A logits processor that samples every row with its own settings and random generator.
 

@@ -195,9 +195,8 @@ def check_fields(body: dict[str, Any], allowed: set[str], endpoint: str) -> None
 def settings_from(body: dict[str, Any], default_max_tokens: int, vocab: int, min_max_tokens: int = 1) -> Settings:
     """OpenAI request fields → engine settings. `top_p: 0` (like `temperature: 0`) asks for greedy
     decoding."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_new = _integer({key: max_tokens}, key, default_max_tokens, min_max_tokens)
+    max_new = _integer(body, key, default_max_tokens, min_max_tokens)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     ignore_eos = _boolean(body, "ignore_eos")
