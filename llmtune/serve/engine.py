@@ -9,8 +9,10 @@ in which each row keeps its own sampling settings, seed, stop strings and length
 handed to its job as it is made, so streams flow while the batch runs, a job whose rows have all
 ended completes at once, and a job cancelled by its caller (a client that went away, a Ctrl-C) ends
 its rows at the next step. When the previous batch was larger than what is waiting, the worker
-waits up to `batch_wait_s` for the rest to arrive (closed-loop clients resend together); a lone
-client never waits.
+waits a little for the rest to arrive (closed-loop clients resend together): `batch_wait_s`, or a
+twentieth of the last batch's time if that is longer (at most a quarter second), since a request
+that just misses a batch waits for all of it. A lone client never waits. (Requests join between
+batches, not inside one: a short request that arrives during a long batch waits for it to end.)
 
 Why one worker per model: a model serves one forward pass at a time efficiently, and batching
 does the rest. Callers only wait on their own job; a slow consumer never blocks the worker.
@@ -371,6 +373,7 @@ class Engine:
         self._queue: deque[Job] = deque()
         self._running: list[Job] = []
         self._expect = 1  # rows the last batch had plus those waiting when it ended
+        self._last_batch_s = 0.0
         self._closed = False
         self._thread: threading.Thread | None = None
         self._stats = {"batches": 0, "requests": 0, "rows": 0, "tokens": 0, "largest_batch": 0, "cancelled": 0,
@@ -542,6 +545,7 @@ class Engine:
             batch = self._take()
             if batch is None:
                 return
+            began = time.monotonic()
             try:
                 self._run(batch)
             except BaseException as exc:  # noqa: BLE001 — every job of the batch learns why
@@ -552,6 +556,7 @@ class Engine:
                     self._running = []
                     waiting = sum(j.rows for j in self._queue)
                     self._expect = min(self.max_batch_size, sum(j.rows for j in batch) + waiting)
+                    self._last_batch_s = time.monotonic() - began
                     self._cv.notify_all()
 
     def _take(self) -> list[Job] | None:
@@ -562,7 +567,7 @@ class Engine:
                     self._cv.wait()
                 if self._closed:
                     return None
-                deadline = time.monotonic() + self.batch_wait_s
+                deadline = time.monotonic() + max(self.batch_wait_s, min(0.25, self._last_batch_s / 20))
                 while True:
                     for job in [j for j in self._queue if j.cancelled]:
                         self._queue.remove(job)
