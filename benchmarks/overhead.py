@@ -9,9 +9,10 @@ average) and a Markdown table of medians with the ratio llmtune / TRL.
     python benchmarks/overhead.py --data ../shared/data/hh-harmless-sample.jsonl.gz
     python benchmarks/overhead.py --stages sft --model smollm2-135m-instruct --finetuning lora --steps 20
 
-The TRL side reads the same canonical rows (written once by llmtune's data loader, not timed) in
-TRL's conversational format and tokenises them with the model's own chat template (llmtune's template,
-saved with the model); llmtune tokenises them itself. The token counts are therefore close, not equal.
+Both sides read the same canonical rows (TRL's conversational format; converted once from the HH
+file by llmtune's data loader, not timed). TRL tokenises them with the model's own chat template
+(llmtune's template, saved with the model), llmtune with its template code: the token counts are
+close, not equal.
 """
 
 from __future__ import annotations
@@ -35,12 +36,11 @@ def load() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def recipe(stage: str, args: argparse.Namespace, finetuning: str) -> dict[str, Any]:
+def recipe(stage: str, args: argparse.Namespace, finetuning: str, data: dict[str, Any]) -> dict[str, Any]:
     return {
         "stage": stage,
         "model": {"name": args.model, "finetuning": finetuning, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "data": {"name": "hh", "path": str(Path(args.data).resolve()), "max_length": args.max_length,
-                 "max_prompt_length": args.max_length // 2, "num_samples": args.steps * args.batch_size},
+        "data": {**data, "max_length": args.max_length, "max_prompt_length": args.max_length // 2},
         "training": {"max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
                      "lr_scheduler": "linear", "warmup_steps": 0, "weight_decay": 0.0, "logging_steps": 10,
                      "save_steps": 10_000, "seed": 42, "threads": args.threads},
@@ -97,23 +97,22 @@ def plain_trl(stage: str, spec_file: Path, out: Path) -> None:
 # -- the parent: data once, then A/B runs -------------------------------------------------------------
 
 def prepare(stage: str, args: argparse.Namespace, work: Path, finetuning: str) -> tuple[Path, Path]:
-    """The llmtune recipe and the TRL side's spec (same rows, as TRL's conversational columns)."""
+    """The llmtune recipe and the TRL side's spec: both read the same canonical rows (TRL's
+    conversational columns), converted once from the HH file here, untimed."""
     from llmtune.config.load import dump, recipe_from_dict
+    from llmtune.modeling.load import base_location
     from llmtune.registry.models import resolve_model
     from llmtune.stages.common import data_rows
 
-    r = recipe(stage, args, finetuning)
-    parsed = recipe_from_dict(r)
-    rows, _ = data_rows(parsed, SHAPES[stage])
+    source = {"name": "hh", "path": str(Path(args.data).resolve()), "num_samples": args.steps * args.batch_size}
+    rows, _ = data_rows(recipe_from_dict(recipe(stage, args, finetuning, source)), SHAPES[stage])
     rows_file = work / f"{stage}.rows.jsonl"
     with rows_file.open("w") as fh:
         for row in rows:
-            if stage != "sft":
-                row = {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
             fh.write(json.dumps({k: v for k, v in row.items() if k in ("messages", "prompt", "chosen", "rejected")})
                      + "\n")
-    from llmtune.modeling.load import base_location
-
+    r = recipe(stage, args, finetuning, {"path": str(rows_file), "format": "canonical"})
+    parsed = recipe_from_dict(r)
     spec = resolve_model(args.model)
     recipe_file = work / f"{stage}.yaml"
     recipe_file.write_text(dump(parsed))
