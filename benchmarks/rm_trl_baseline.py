@@ -52,7 +52,8 @@ def main() -> None:
     ap.add_argument("--learning-rate", type=float, default=None, help="default: TRL's (1e-4)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: TRL's (8)")
     ap.add_argument("--lr-scheduler", default=None, help="default: TRL's (linear)")
-    ap.add_argument("--warmup-ratio", type=float, default=None, help="default: TRL's (0)")
+    ap.add_argument("--warmup-ratio", type=float, default=None,
+                    help="default: TRL's (0); transformers 5 reads a warmup_steps below 1 as a ratio")
     ap.add_argument("--weight-decay", type=float, default=None, help="default: TRL's (0)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--max-length", type=int, default=512,
@@ -78,7 +79,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
     extra = {k: v for k, v in (("learning_rate", args.learning_rate), ("per_device_train_batch_size", args.batch_size),
-                               ("lr_scheduler_type", args.lr_scheduler), ("warmup_ratio", args.warmup_ratio),
+                               ("lr_scheduler_type", args.lr_scheduler), ("warmup_steps", args.warmup_ratio),
                                ("weight_decay", args.weight_decay)) if v is not None}
     with tempfile.TemporaryDirectory() as out:
         config = RewardConfig(output_dir=out, num_train_epochs=args.epochs, seed=args.seed, report_to="none",

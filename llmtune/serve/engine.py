@@ -8,8 +8,9 @@ generates them together with `modeling.generate.sample_rows`: one `generate` cal
 in which each row keeps its own sampling settings, seed, stop strings and length. Each new token is
 handed to its job as it is made, so streams flow while the batch runs, a job whose rows have all
 ended completes at once, and a job cancelled by its caller (a client that went away, a Ctrl-C) ends
-its rows at the next step. When the previous batch was larger than what is waiting, the worker
-waits a little for the rest to arrive (closed-loop clients resend together): `batch_wait_s`, or a
+its rows at the next step. When more answers were in flight at once during the previous batch
+than are now waiting, the worker waits a little for the rest to arrive (clients that got their
+answers together send their next requests together): `batch_wait_s`, or a
 twentieth of the last batch's time if that is longer (at most a quarter second), since a request
 that just misses a batch waits for all of it. A lone client never waits. (Requests join between
 batches, not inside one: a short request that arrives during a long batch waits for it to end.)
@@ -372,7 +373,9 @@ class Engine:
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()
         self._running: list[Job] = []
-        self._expect = 1  # rows the last batch had plus those waiting when it ended
+        self._active = 0  # answers submitted and not yet complete
+        self._peak = 0  # the most answers in flight at once since the last batch began
+        self._expect = 1  # ... during the last batch: how many the next one should wait for
         self._last_batch_s = 0.0
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -484,7 +487,7 @@ class Engine:
         STRIP: trim the answer's surrounding space (chat answers); LOGPROBS: with the answer's token
         log-probabilities and that many alternatives; ECHO: with the prompt's too."""
         self._need_generator()
-        self._check_settings(settings)
+        self._check_settings(settings, scoring=logprobs is not None or echo)
         if not prompt:
             raise ValueError(f"'{self.name}': the prompt renders to no tokens")
         job = Job(prompt, settings, stops, strip, logprobs, echo)
@@ -498,6 +501,9 @@ class Engine:
             if self._closed:
                 raise RequestError(f"'{self.name}' has been unloaded", "model", "model_not_found")
             self._queue.append(job)
+            self._active += max(job.rows, 1)
+            self._peak = max(self._peak, self._active)
+            job.future.add_done_callback(lambda _: self._settled(job))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"llmtune-{self.name}", daemon=True)
                 self._thread.start()
@@ -526,8 +532,9 @@ class Engine:
         with self._cv:
             return {**self._stats, "waiting": len(self._queue), "running": len(self._running)}
 
-    def _check_settings(self, settings: Settings) -> None:
-        if settings.max_new_tokens < 0:
+    def _check_settings(self, settings: Settings, scoring: bool = False) -> None:
+        """SCORING: a request for log-probabilities or an echo may ask for no new token (max_tokens 0)."""
+        if settings.max_new_tokens < (0 if scoring else 1):
             raise RequestError("max_tokens must be at least 1", "max_tokens")
         if self.prompt_budget(settings) < 1:
             raise RequestError(f"max_tokens {settings.max_new_tokens} leaves no room for the prompt in this "
@@ -554,10 +561,14 @@ class Engine:
             finally:
                 with self._cv:
                     self._running = []
-                    waiting = sum(j.rows for j in self._queue)
-                    self._expect = min(self.max_batch_size, sum(j.rows for j in batch) + waiting)
+                    self._expect, self._peak = min(self.max_batch_size, self._peak), self._active
                     self._last_batch_s = time.monotonic() - began
                     self._cv.notify_all()
+
+    def _settled(self, job: Job) -> None:
+        """A job's future is done (answered, failed or cancelled): it is no longer in flight."""
+        with self._cv:
+            self._active -= max(job.rows, 1)
 
     def _take(self) -> list[Job] | None:
         """The next batch: the oldest job plus every waiting job that fits with it."""
