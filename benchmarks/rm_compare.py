@@ -24,14 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def split(data: str, out: Path, seed: int, lr: float, threads: int) -> dict[str, Any]:
-    """One rm_minilm_hh.sh run: {"llmtune": ..., "trl": ..., "same_pairs": ...}."""
+    """One rm_minilm_hh.sh run: {"llmtune": ..., "trl": ..., "same_pairs": ...}, kept in OUT.result.json
+    so that a rerun skips the splits already done."""
+    done = out.with_name(out.name + ".result.json")
+    if done.exists():
+        return json.loads(done.read_text())
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/rm_minilm_hh.sh"), data, str(out), str(seed), str(lr),
                            str(threads)], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"rm_minilm_hh.sh failed (seed {seed}, lr {lr}):\n{proc.stderr[-3000:]}")
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # A line may carry a library's prompt before its JSON object (transformers asking about custom code).
+    lines = [json.loads(line[line.index("{"):]) for line in proc.stdout.splitlines() if "{" in line]
     result = {"same_pairs": lines[-1]}
     result.update({line["side"]: line for line in lines[:-1]})
+    done.write_text(json.dumps(result))
     print(json.dumps({"seed": seed, "learning_rate": lr, **result}), flush=True)
     return result
 
