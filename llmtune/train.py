@@ -195,6 +195,11 @@ def _run(recipe: Recipe, run: RunDir, recipe_yaml: str, resume: bool) -> dict[st
             setup_logging(run)
             quiet_console()
             log.info("run directory: %s (stage %s, model %s)", run.path, recipe.stage, recipe.model.name)
+            if recipe.training.threads:
+                from llmtune.launch.threads import apply
+
+                apply(recipe.training.threads)
+                log.info("CPU threads: %d (training.threads)", recipe.training.threads)
             seed_everything(recipe.training.seed)
             summary = module.run(recipe, Context(run=run, resume=resume, stop=stop))
         except KeyboardInterrupt:

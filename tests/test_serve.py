@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "stage: rm\nmodel: {name: tiny-llama, finetuning: full}\n"
         f"data: {{name: hh, path: {ROOT / 'tests/fixtures/raw/hh'}, max_length: 64}}\n"
         "training: {max_steps: 2, batch_size: 4, logging_steps: 1}\n")
-    return {"full": _train(root, "full"), "lora": _train(root, "lora", "model.finetuning=lora"),
+    runs = {"full": _train(root, "full", "training.threads=1"), "lora": _train(root, "lora", "model.finetuning=lora"),
             "rm": _train(root, "rm", recipe=str(rm_recipe))}
+    assert "CPU threads: 1 (training.threads)" in (runs["full"] / "train.log").read_text()
+    return runs
 
 
 class Client:
@@ -112,8 +114,11 @@ def test_health_and_models(server: Client) -> None:
     status, models = server.request("GET", "/v1/models")
     assert status == 200 and models["object"] == "list"
     by_id = {m["id"]: m for m in models["data"]}
-    assert set(by_id) == {"full", "adapter", "rm", "tiny-t5"}
-    assert by_id["rm"]["llmtune"]["head"] == "classifier"
+    assert set(by_id) == {"full", "adapter", "tiny-t5"}  # what can chat; reward models apart
+    assert [m["id"] for m in models["reward_models"]] == ["rm"]
+    assert models["reward_models"][0]["llmtune"]["head"] == "classifier"
+    status, rm = server.request("GET", "/v1/models/rm")
+    assert status == 200 and rm["id"] == "rm" and rm["llmtune"]["head"] == "classifier"
     assert by_id["tiny-t5"]["llmtune"]["head"] == "seq2seq"
     assert by_id["adapter"]["llmtune"]["template"] == "llama2"
 
@@ -191,7 +196,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server: Client) -> No
         ({"body": {**ok, "messages": [{"role": "user", "content": 5}]}}, 400, None),
         ({"body": {**ok, "temperature": "hot"}}, 400, "invalid_type"),
         ({"body": {**ok, "temperature": 3}}, 400, "invalid_value"),
-        ({"body": {**ok, "top_p": 0}}, 400, "invalid_value"),
+        ({"body": {**ok, "top_p": -0.1}}, 400, "invalid_value"),
         ({"body": {**ok, "max_tokens": 0}}, 400, "invalid_value"),
         ({"body": {**ok, "max_tokens": "ten"}}, 400, "invalid_type"),
         ({"body": {**ok, "n": 100}}, 400, "invalid_value"),
@@ -203,6 +208,22 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server: Client) -> No
         ({"body": {**ok, "model": "rm"}}, 400, "model_not_generative"),
         ({"body": ok, "key": None}, 401, "invalid_api_key"),
         ({"body": ok, "key": "wrong"}, 401, "invalid_api_key"),
+        # OpenAI fields not served here are refused, never silently ignored
+        ({"body": {**ok, "messages": [{"role": "tool", "content": "4", "tool_call_id": "x"}]}}, 400, "unsupported_value"),
+        ({"body": {**ok, "messages": [*HELLO, {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]},
+                                      {"role": "user", "content": "go on"}]}}, 400, "unsupported_value"),
+        ({"body": {**ok, "messages": [{"role": "user", "content": "hi", "name": "ann"}]}}, 400, "unsupported_parameter"),
+        ({"body": {**ok, "tools": [{"type": "function", "function": {"name": "f"}}]}}, 400, "unsupported_parameter"),
+        ({"body": {**ok, "tool_choice": "auto"}}, 400, "unsupported_parameter"),
+        ({"body": {**ok, "response_format": {"type": "json_object"}}}, 400, "unsupported_parameter"),
+        ({"body": {**ok, "audio": {"voice": "alloy"}}}, 400, "unsupported_parameter"),
+        ({"body": {**ok, "reasoning_effort": "low"}}, 400, "unsupported_parameter"),
+        ({"body": {**ok, "store": True}}, 400, "unsupported_parameter"),
+        ({"body": {**ok, "frobnicate": 1}}, 400, "unknown_parameter"),
+        ({"body": {**ok, "top_logprobs": 2}}, 400, "invalid_value"),
+        ({"body": {**ok, "logprobs": True, "stream": True}}, 400, "unsupported_parameter"),
+        ({"body": {**ok, "stream_options": {"include_usage": True}}}, 400, "invalid_value"),
+        ({"body": {**ok, "logit_bias": {"999999": 5}}}, 400, "invalid_value"),
     ]
     for case, status, code in cases:
         got, out = server.request("POST", "/v1/chat/completions", case.get("body"), case.get("raw"),
@@ -225,7 +246,19 @@ def test_openai_client_plain_and_streaming(server: Client) -> None:
     from openai import AuthenticationError, NotFoundError, OpenAI
 
     client = OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0)
-    assert {m.id for m in client.models.list()} == {"full", "adapter", "rm", "tiny-t5"}
+    assert {m.id for m in client.models.list()} == {"full", "adapter", "tiny-t5"}
+    assert client.models.retrieve("adapter").id == "adapter"
+    with pytest.raises(NotFoundError):
+        client.models.retrieve("missing")
+    done = client.completions.create(model="full", prompt="Once upon a time", max_tokens=6, temperature=0)
+    assert done.object == "text_completion" and isinstance(done.choices[0].text, str)
+    assert done.usage is not None and done.usage.completion_tokens > 0
+    echoed = client.completions.create(model="full", prompt="Once upon a time", max_tokens=1, temperature=0,
+                                       echo=True, logprobs=1)
+    lp = echoed.choices[0].logprobs
+    assert echoed.choices[0].text.startswith("Once upon a time") and lp is not None
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == echoed.choices[0].text
     out = client.chat.completions.create(model="adapter", messages=HELLO, max_tokens=8, temperature=0.9, seed=5)
     text = out.choices[0].message.content
     assert isinstance(text, str) and out.usage is not None and out.usage.completion_tokens > 0
@@ -317,3 +350,138 @@ def test_chat_on_a_terminal(runs: dict[str, Path]) -> None:
         if not reaped:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def test_completions_echo_logprobs_equal_a_forward_pass(server: Client, runs: dict[str, Path]) -> None:
+    """lm-evaluation-harness's loglikelihood request: token-id prompts, echo, logprobs, one new token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = runs["full"] / "model"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    prompts = [tok("The cat sat on the mat")["input_ids"], tok("Two plus three is five")["input_ids"]]
+    status, out = server.request("POST", "/v1/completions", {
+        "model": "full", "prompt": prompts, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 2,
+        "seed": 1234})
+    assert status == 200, out
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    for ids, choice in zip(prompts, out["choices"]):
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+        assert lp["top_logprobs"][0] is None and all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        expected = logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert lp["token_logprobs"][1:len(ids)] == pytest.approx(expected.tolist(), abs=1e-4)
+        # greedy: the new token is the likeliest, as lm-eval's is_greedy check reads it
+        assert lp["token_logprobs"][-1] == pytest.approx(logprobs[-1].max().item(), abs=1e-4)
+        assert lp["token_logprobs"][-1] == pytest.approx(max(lp["top_logprobs"][-1].values()), abs=1e-5)
+        assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    # max_tokens 0 with echo scores the prompt alone
+    status, scored = server.request("POST", "/v1/completions", {
+        "model": "full", "prompt": prompts[0], "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert status == 200, scored
+    assert scored["choices"][0]["logprobs"]["token_logprobs"] == out["choices"][0]["logprobs"]["token_logprobs"][:-1]
+
+
+def test_completions_forms_and_stream(server: Client) -> None:
+    body = {"model": "full", "prompt": ["Once upon", "A long time ago"], "max_tokens": 6, "temperature": 0.9,
+            "seed": 4, "n": 2}
+    status, out = server.request("POST", "/v1/completions", body)
+    assert status == 200, out
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    status, single = server.request("POST", "/v1/completions", {**body, "prompt": "A long time ago"})
+    assert [c["text"] for c in single["choices"]] == [c["text"] for c in out["choices"][2:]]
+    status, text = server.request("POST", "/v1/completions", {**body, "prompt": "Once upon", "n": 1, "stream": True,
+                                                              "echo": True})
+    assert status == 200
+    events = [json.loads(e[len("data: "):]) for e in text.split("\n\n") if e and e != "data: [DONE]"]
+    assert "".join(c["choices"][0]["text"] for c in events) == "Once upon" + out["choices"][0]["text"]
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    for bad, code in (({"suffix": "x"}, "unsupported_parameter"), ({"best_of": 3}, "unsupported_parameter"),
+                      ({"prompt": [1.5]}, "invalid_type"), ({"max_tokens": 0}, "invalid_value"),
+                      ({"prompt": None}, "missing_required_parameter")):
+        status, err = server.request("POST", "/v1/completions", {**body, **bad})
+        assert status == 400 and err["error"]["code"] == code, (bad, err)
+
+
+def test_chat_logprobs_developer_role_and_top_p_zero(server: Client) -> None:
+    body = {"model": "full", "messages": HELLO, "max_tokens": 6, "temperature": 0}
+    status, out = server.chat(**body, logprobs=True, top_logprobs=3)
+    assert status == 200, out
+    content = out["choices"][0]["logprobs"]["content"]
+    assert 0 < len(content) <= out["usage"]["completion_tokens"]
+    for item in content:  # greedy: every chosen token is the likeliest one
+        assert len(item["top_logprobs"]) == 3 and item["logprob"] == pytest.approx(item["top_logprobs"][0]["logprob"])
+    assert "".join(i["token"] for i in content).strip() == out["choices"][0]["message"]["content"]
+    status, plain = server.chat(**body)
+    assert plain["choices"][0]["logprobs"] is None
+    status, nucleus = server.chat(**{**body, "temperature": 1.5, "top_p": 0, "seed": 3})
+    assert nucleus["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    system = [{"role": "system", "content": "Answer briefly."}, *HELLO]
+    developer = [{"role": "developer", "content": "Answer briefly."}, *HELLO]
+    assert server.chat(**{**body, "messages": system})[1]["choices"] == server.chat(**{**body, "messages": developer})[1]["choices"]
+
+
+@pytest.fixture(scope="module")
+def busy() -> Iterator[Client]:
+    """A server with room for two waiting requests per model (tiny-t5: an answer without a context limit)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmtune.cli", "serve", "tiny-t5", "--port", "0", "--api-key", API_KEY,
+         "--max-queue", "2", "--threads", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=os.environ.copy())
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on" in line, line
+        yield Client(line.split("listening on ")[1].split()[0].removesuffix("/v1"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_batching_queue_full_and_disconnect(busy: Client) -> None:
+    """Requests waiting together run in one batch (the engine's counters say so); a third waiting one
+    is answered 429; a client that closes its stream stops the generation within a few tokens and
+    frees the worker for the next requests."""
+    import httpx
+
+    def stats() -> dict[str, int]:
+        return busy.request("GET", "/v1/models/tiny-t5")[1]["llmtune"]["stats"]
+
+    def until(check: Callable[[dict[str, int]], bool]) -> dict[str, int]:
+        end = time.monotonic() + 120
+        while not check(now := stats()):
+            assert time.monotonic() < end, now
+            time.sleep(0.05)
+        return now
+
+    short = {"model": "tiny-t5", "messages": HELLO, "max_tokens": 4, "temperature": 0}
+    start = stats()
+    with ThreadPoolExecutor(2) as pool, httpx.Client(timeout=120) as http:
+        with http.stream("POST", busy.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                         json={**short, "max_tokens": 100_000, "ignore_eos": True, "stream": True}) as long:
+            lines = long.iter_lines()
+            assert next(lines).startswith("data: ")  # the long answer is being generated
+            waiting = [pool.submit(busy.chat, **short) for _ in range(2)]
+            until(lambda s: s["waiting"] == 2)
+            status, out = busy.chat(**short)
+            assert status == 429 and out["error"]["code"] == "queue_full", out
+            assert set(out["error"]) == {"message", "type", "param", "code"}
+            at_close = stats()["tokens"]
+        # the stream is closed: the long answer stops, the two waiting requests run, together
+        answers = [f.result(timeout=120) for f in waiting]
+    end = until(lambda s: s["running"] == 0 and s["waiting"] == 0)
+    assert all(status == 200 for status, _ in answers), answers
+    short_tokens = sum(out["usage"]["completion_tokens"] for _, out in answers)
+    assert end["tokens"] - at_close - short_tokens < 500, "the closed stream kept generating"
+    assert end["batches"] - start["batches"] == 2 and end["requests"] - start["requests"] == 3
+    assert end["largest_batch"] >= 2 and end["cancelled"] - start["cancelled"] == 1
+    assert end["rejected"] - start["rejected"] == 1
+
+
+@pytest.mark.parametrize("flag", [["--threads", "0"], ["--max-queue", "0"], ["--max-batch-size", "0"]])
+def test_bad_serve_flags_exit_2(flag: list[str]) -> None:
+    proc = run_cli("serve", "tiny-llama", "--port", "0", *flag, timeout=120)
+    assert proc.returncode == 2 and flag[0] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

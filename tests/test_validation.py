@@ -50,6 +50,7 @@ CASES: list[tuple[str, Any, str]] = [
      "model.name: no such model directory: runs/sft-never-trained"),
     ("missing-rm-run-dir", merge(PPO, {"reward": {"type": "reward_model", "model": "runs/rm-never-trained",
                                                   "function": None}}), "reward.model: no such model directory"),
+    ("threads-zero", merge(SFT, {"training": {"threads": 0}}), "training.threads"),
     # from stages/ppo.py
     ("ppo-accumulation", merge(PPO, {"ppo": {"mini_batch_size": 4}, "training": {"gradient_accumulation_steps": 3}}),
      "training.gradient_accumulation_steps: 3 must divide ppo.mini_batch_size"),

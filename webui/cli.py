@@ -10,6 +10,7 @@ from typing import Any
 
 from llmtune.config.checks.device import missing_package
 from llmtune.errors import ConfigError
+from llmtune.launch import threads
 from llmtune.serve.cli import loopback
 
 DEFAULT_WORKSPACE = "./llmtune-workspace"
@@ -36,6 +37,10 @@ def cmd_webui(args: argparse.Namespace) -> int:
     # workspace rather than the system temp directory.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("GRADIO_TEMP_DIR", str(root / ".gradio"))
+    # The UI's own models (chat, compare) get a share of the cores that the runs it launches do not
+    # use (llmtune/launch/threads.py); set before torch is imported, which reads it.
+    for key, value in threads.env(threads.webui_split()[0]).items():
+        os.environ.setdefault(key, value)
     from webui.app import launch
 
     print(f"llmtune webui: workspace {root}", flush=True)

@@ -44,6 +44,7 @@ from llmtune.config.confine import RULE_MODULES, Confinement
 from llmtune.config.load import RECIPES_DIR, load_text, recipe_from_dict
 from llmtune.config.schema import Recipe
 from llmtune.errors import ConfigError
+from llmtune.launch import threads
 from llmtune.runs.lock import describe
 from llmtune.runs.lock import holder as lock_holder
 from llmtune.runs.rundir import STATUS_DONE, STATUS_FAILED, STATUS_RUNNING, RunDir
@@ -274,9 +275,12 @@ class Workspace:
             log.flush()
             # Confined like the UI: the run resolves the recipe's paths against the workspace and
             # refuses what the UI's validation refused, whatever the launch.yaml on disk says.
+            # Its CPU threads: the runs' share of the cores (not the UI's), split with the runs still going.
+            running = sum(p.poll() is None for p in _CHILDREN.values())
+            budget = threads.env(threads.share(running + 1, threads.webui_split()[1]))
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, **self.policy.env(), "PYTHONUNBUFFERED": "1"})
+                                    env={**os.environ, **budget, **self.policy.env(), "PYTHONUNBUFFERED": "1"})
         _atomic_write(path / "launcher.json", json.dumps(
             {"pid": proc.pid, "pgid": proc.pid, "command": cmd, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "launched": time.time(), "stopped": None},

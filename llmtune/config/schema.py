@@ -130,6 +130,10 @@ class TrainingSection:
     save_steps: int = _f(500, doc="Save a checkpoint every N steps (and always on interrupt).", ge=1)
     save_total_limit: int | None = _f(2, doc="Keep at most N checkpoints.", ge=1)
     num_workers: int = _f(0, doc="DataLoader worker processes.", ge=0)
+    threads: int | None = _f(
+        None, doc="CPU threads for this run's tensor math (torch intra-op threads); default: OMP_NUM_THREADS if "
+        "set (the web UI sets it for the runs it launches, see README: CPU notes), else one per core. On a CPU "
+        "shared with other busy processes, fewer threads are often much faster.", ge=1)
     group_by_length: bool = _f(
         False, doc="stages sft and rm: batch examples of similar length together (transformers' LengthGroupedSampler, "
         "still shuffled in large groups): far less padding, so a longer data.max_length costs little more.")

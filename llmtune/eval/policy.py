@@ -28,13 +28,14 @@ def reward_section(source: str) -> RewardSection:
 def compare(model_ref: str, baseline_ref: str, prompts: list[list[dict[str, str]]], reward: Any,
             gen: GenerationSection, seed: int = 0, max_prompt_length: int = 256,
             batch_size: int = 8, tie_margin: float = 1e-6) -> dict[str, Any]:
-    """Generate with both models (same seed), score, and measure KL on the model's samples."""
+    """Generate with both models, score, and measure KL on the model's samples. Prompt i is sampled
+    with seed + i by both (`sample_rows`), so an answer does not depend on the batching and a model
+    compared with itself ties everywhere."""
     import torch
 
-    from llmtune.data.templates import ChatTemplate
-    from llmtune.modeling.generate import Samples, sample
+    from llmtune.data.templates import ChatTemplate, encode_prompt
+    from llmtune.modeling.generate import row_spec, sample_rows, token_logprobs
     from llmtune.modeling.load import load_for_inference
-    from llmtune.rl.rollout import Scorer, keeps_logits
 
     model, tok, spec = load_for_inference(model_ref)
     base, base_tok, base_spec = load_for_inference(baseline_ref)
@@ -43,23 +44,28 @@ def compare(model_ref: str, baseline_ref: str, prompts: list[list[dict[str, str]
                           f"compared token by token with '{model_ref}' ({spec.kind}, {len(tok)} tokens)")
     kind = spec.kind
     template = ChatTemplate.get(spec.template)
-    decoder_start = getattr(model.config, "decoder_start_token_id", None)
-    rollouts: dict[str, list[Samples]] = {}
+    rows = [row_spec(gen, seed + i, template.stop) for i in range(len(prompts))]
+    answers: dict[str, list[str]] = {}
+    tokens: list[tuple[list[int], list[int]]] = []  # the model's (prompt, response) token ids
     for name, (m, t) in {"model": (model, tok), "baseline": (base, base_tok)}.items():
-        torch.manual_seed(seed)
         m.eval()
-        rollouts[name] = [sample(m, t, template, kind, prompts[i:i + batch_size], gen, max_prompt_length)
-                          for i in range(0, len(prompts), batch_size)]
-    answers = {name: [text for r in rs for text in r.texts] for name, rs in rollouts.items()}
+        ids = [encode_prompt(t, template, p, max_prompt_length, kind) for p in prompts]
+        answers[name] = []
+        for i in range(0, len(prompts), batch_size):
+            with torch.inference_mode():
+                s = sample_rows(m, t, kind, ids[i:i + batch_size], rows[i:i + batch_size])
+            answers[name] += s.texts
+            if name == "model":
+                tokens += [(ids[i + j], s.response_ids[j][s.response_mask[j].bool()].tolist()) for j in range(len(s.texts))]
     scores = {name: [float(s) for s in reward.score(prompts, texts)] for name, texts in answers.items()}
     wins = sum(a > b + tie_margin for a, b in zip(scores["model"], scores["baseline"]))
     losses = sum(b > a + tie_margin for a, b in zip(scores["model"], scores["baseline"]))
-    kl: list[float] = []
-    scorer = Scorer(kind, decoder_start, 1.0, keeps_logits(model) and keeps_logits(base))
-    with torch.no_grad():
-        for r in rollouts["model"]:
-            diff = scorer(model, r)[0] - scorer(base, r)[0]
-            kl.extend((diff * r.response_mask).sum(1).tolist())
+
+    def response_logprob(m: Any, prompt: list[int], response: list[int]) -> float:
+        values, _ = token_logprobs(m, kind, prompt, response, decoder_start_id=getattr(m.config, "decoder_start_token_id", None))
+        return sum(values[-len(response):]) if response else 0.0
+
+    kl = [response_logprob(model, p, r) - response_logprob(base, p, r) for p, r in tokens]
     n = len(prompts)
     return {
         "model": model_ref, "baseline": baseline_ref, "n": n,

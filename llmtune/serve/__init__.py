@@ -2,6 +2,6 @@
 server (`api`), the terminal chat, side-by-side `compare` and `export`. Importing this package does
 not import torch; models load in `Engine.load`."""
 
-from llmtune.serve.engine import Completion, Engine, RequestError, Settings, TextStream
+from llmtune.serve.engine import Completion, Engine, EngineBusy, RequestError, Settings, TextStream
 
-__all__ = ["Completion", "Engine", "RequestError", "Settings", "TextStream"]
+__all__ = ["Completion", "Engine", "EngineBusy", "RequestError", "Settings", "TextStream"]

@@ -59,6 +59,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from llmtune.launch.threads import apply, configured, share
     from llmtune.serve.api import Server, run
     from llmtune.serve.engine import Engine
 
@@ -74,13 +75,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port: {args.port} is not a port number")
     if not args.max_body_mb > 0:
         raise ConfigError(f"--max-body-mb: must be > 0, got {args.max_body_mb}")
+    for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
     if not loopback(args.host) and not args.api_key:
         print(f"llmtune serve: warning: listening on {args.host} without --api-key: anyone who reaches this "
               "port can use the models", file=sys.stderr, flush=True)
+    # Every model gets its own share of the threads: models answering at once do not oversubscribe
+    # the cores. (Threads started from here on, each model's worker among them, inherit it.)
+    apply(share(len(refs), args.threads or configured()))
     engines = []
     for name, ref in refs:
         print(f"llmtune serve: loading {ref}", file=sys.stderr, flush=True)
-        engines.append(Engine.load(ref, name=name))
+        engines.append(Engine.load(ref, name=name, max_batch_size=args.max_batch_size, max_queue=args.max_queue))
     server = Server(engines, api_key=args.api_key, default_max_tokens=args.max_tokens,
                     max_body_bytes=int(args.max_body_mb * 2**20))
     run(server, host=args.host, port=args.port, log_level=args.log_level)
@@ -123,8 +132,9 @@ def register(sub: Any) -> None:
     c.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for one or more models",
-                       description="Serve models at /v1/chat/completions (streaming too), /v1/models, "
-                       "/v1/score (reward models) and /health. Clients pick a model by its name: the registry "
+                       description="Serve models at /v1/chat/completions and /v1/completions (streaming too), "
+                       "/v1/models, /v1/score (reward models) and /health. Requests arriving together are "
+                       "generated together (batched). Clients pick a model by its name: the registry "
                        "name or run directory name, or NAME from --name NAME=MODEL. List the MODELs before the options.")
     s.add_argument("models", nargs="*", metavar="MODEL")
     s.add_argument("--name", action="append", default=[], metavar="NAME=MODEL", help="serve MODEL as NAME")
@@ -134,6 +144,13 @@ def register(sub: Any) -> None:
     s.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of requests without one")
     s.add_argument("--max-body-mb", type=float, default=4.0,
                    help="refuse request bodies larger than this many MiB with 413 (default 4)")
+    s.add_argument("--max-batch-size", type=int, default=32,
+                   help="most answers generated together in one batch per model (default 32)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="most requests waiting per model; more are answered 429 (default 256)")
+    s.add_argument("--threads", type=int,
+                   help="CPU threads for generation, split evenly between the models (default: OMP_NUM_THREADS "
+                   "if set, else every core); leave some for clients running on the same machine")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 

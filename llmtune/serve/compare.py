@@ -98,10 +98,12 @@ def unique_names(refs: list[str]) -> dict[str, str]:
 
 
 def answer_all(engine: Engine, prompts: list[list[Message]], settings: Settings, seed: int) -> list[str]:
-    """One answer per prompt; prompt i uses seed + i so answers are independent of the prompt set."""
+    """One answer per prompt, generated in batches; prompt i uses seed + i so answers are
+    independent of the prompt set and of the batching."""
     from dataclasses import replace
 
-    return [engine.chat(p, replace(settings, n=1, seed=seed + i)) for i, p in enumerate(prompts)]
+    results = engine.complete_many([(p, replace(settings, n=1, seed=seed + i)) for i, p in enumerate(prompts)])
+    return [r.choices[0].text for r in results]
 
 
 def win_matrix(scores: dict[str, list[float]], lower_is_better: bool, margin: float = 0.0
