@@ -265,6 +265,7 @@ def test_seq2seq_dpo_learns_on_a_repeated_set(tmp_path: Path) -> None:
     assert min(m["rewards/margins"] for m in last) > 0
 
 
+@pytest.mark.slow
 def test_dpo_continues_from_an_sft_lora_run(tmp_path: Path) -> None:
     sft = recipe_from_dict({"stage": "sft", "model": {"name": "tiny-llama", "lora": {"r": 4, "alpha": 8}},
                             "data": {"name": "hh", "path": HH, "max_length": 64},

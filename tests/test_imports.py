@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 PACKAGES = ("llmtune", "webui")
@@ -110,6 +111,7 @@ def test_config_data_and_registry_import_nothing_above_them() -> None:
         assert not above, f"{module} imports {sorted(above)}"
 
 
+@pytest.mark.slow
 def test_the_core_does_not_import_the_web_ui() -> None:
     for module, targets in graph().items():
         if module.startswith("llmtune"):

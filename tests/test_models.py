@@ -86,6 +86,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "home"
 
 
+@pytest.mark.slow
 def test_gguf_base_is_converted_once_by_hash_and_trains(tmp_path: Path, home: Path) -> None:
     from safetensors.torch import load_file
 
@@ -174,6 +175,7 @@ def smollm2() -> Path:
         pytest.fail(f"the real-model tests need SmolLM2 from the package index: {exc}", pytrace=False)
 
 
+@pytest.mark.slow
 def test_real_smollm2_trains_answers_and_chats(smollm2: Path, tmp_path: Path) -> None:
     """The quickstart recipe, a few steps: a real pretrained model answers before and after LoRA SFT, the
     run names its base portably, `llmtune chat RUN` talks and `llmtune compare` sets it beside the base."""

@@ -138,6 +138,7 @@ def test_critic_free_algorithms_train_without_a_value_head(tmp_path: Path, algor
     assert [s["group"] for s in samples if s["step"] == 1] == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_separate_value_model(tmp_path: Path) -> None:
     data = small_recipe("tiny-llama", "lora", value_model="separate", value_model_path="tiny-t5")
     with pytest.raises(ConfigError, match="ppo.value_model_path: .* is a seq2seq model"):
@@ -254,6 +255,7 @@ def grpo_recipe(model: str, finetuning: str, **rl: Any) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_resume_continues_exactly_from_the_saved_step(tmp_path: Path, algorithm: str) -> None:
     data = small_recipe("tiny-llama", "lora") if algorithm == "ppo" else grpo_recipe(

@@ -233,6 +233,7 @@ def test_parse_score_and_template_filling() -> None:
     assert "from 1 to 5" in text and "User: Describe a {cat}." in text and "It is {response}-free" in text
 
 
+@pytest.mark.slow
 def test_judge_endpoint_scores_retries_and_fallbacks(judge_key: str) -> None:
     answers = {"good": "Score: 9", "bad": "2/10", "huge": "42", "weird": "I cannot rate this reply.", "flaky": "6"}
     responses = ["<good>", "<bad>", "<huge>", "<weird>", "<flaky>"]
@@ -249,6 +250,7 @@ def test_judge_endpoint_scores_retries_and_fallbacks(judge_key: str) -> None:
     assert first["messages"][0]["content"].endswith("from 0 to 10")
 
 
+@pytest.mark.slow
 def test_judge_endpoint_errors_are_clear(judge_key: str) -> None:
     with JudgeServer({"": "5"}, always_status=503) as server:
         judge = build_reward(RewardSection(type="judge", endpoint=server.url, judge_model="m"))

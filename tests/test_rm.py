@@ -130,6 +130,7 @@ def test_scores_do_not_depend_on_batching(trained: dict[str, Path]) -> None:
         assert one.score([prompt] * 3, responses) == pytest.approx(many.score([prompt] * 3, responses), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_pooling_choice_is_trained_saved_and_reloaded(tmp_path: Path, hh_sources: Path) -> None:
     """rm.pooling overrides the registry: MiniLM with its [CLS] head, and mean pooling on an encoder only."""
     run = tmp_path / "cls"
@@ -177,6 +178,7 @@ def test_mean_pooled_export_scores_like_the_run(trained: dict[str, Path], tmp_pa
     assert scores[0] == pytest.approx(scores[1], abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["run", "export"])
 def test_mean_pooled_reward_model_loads_in_plain_transformers_or_not_at_all(trained: dict[str, Path],
                                                                            tmp_path: Path, which: str) -> None:

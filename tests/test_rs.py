@@ -80,6 +80,7 @@ def round_metrics(run: Path) -> list[dict[str, Any]]:
     return [r for r in jsonl(run / "metrics.jsonl") if "reward_mean" in r]
 
 
+@pytest.mark.slow
 def test_rs_tiny_llama_lora_rounds_and_extension(tmp_path: Path) -> None:
     run = tmp_path / "rs-llama"
     r = recipe_from_dict(recipe("tiny-llama", "lora", LENGTH))
@@ -120,6 +121,7 @@ def test_rs_tiny_llama_lora_rounds_and_extension(tmp_path: Path) -> None:
     assert all(torch.equal(v, saved[k]) for k, v in get_peft_model_state_dict(fresh).items())
 
 
+@pytest.mark.slow
 def test_rs_tiny_t5_full_rising_percentile(tmp_path: Path) -> None:
     run = tmp_path / "rs-t5"
     r = recipe_from_dict(recipe("tiny-t5", "full", LENGTH, percentile=40, percentile_step=30, threshold=-0.95))
@@ -140,6 +142,7 @@ def test_rs_tiny_t5_full_rising_percentile(tmp_path: Path) -> None:
     assert all(torch.equal(v.cpu(), final[k].cpu()) for k, v in fresh.state_dict().items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "finetuning"), [("tiny-llama", "full"), ("tiny-gptj", "lora"), ("tiny-t5", "lora")])
 def test_rs_other_architectures_and_methods(tmp_path: Path, model: str, finetuning: str) -> None:
     """The rest of the model x method grid: one round, best-of-n kept, saved, reloads and generates."""
@@ -186,6 +189,7 @@ def test_nonfinite_scores_are_dropped_and_counted() -> None:
         select([{"index": 0, "prompt": [], "responses": ["a"], "scores": [nan]}], RsSection(), 2)
 
 
+@pytest.mark.slow
 def test_rs_ctrl_c_while_sampling_then_resume(tmp_path: Path) -> None:
     run = tmp_path / "rs-stop"
     reward = {"type": "rule", "function": f"{__name__}:length_with_ctrl_c"}

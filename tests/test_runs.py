@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # real `llmtune train` processes, signals and locks: the full suite
+
 RECIPE = str(ROOT / "recipes" / "sft-tiny.yaml")
 FAST = ["data.max_length=64", "data.num_samples=120"]
 

@@ -29,6 +29,8 @@ from test_webui_api import AUTH, Server, app_error, start_server, wait_for
 
 from webui.workspace import pid_alive
 
+pytestmark = pytest.mark.slow  # a real web UI and a real server per module: the full suite
+
 FILE_SECRET = f"file-secret-{uuid.uuid4().hex}"
 ENV_SECRET = f"env-secret-{uuid.uuid4().hex}"
 ENV_NAME = "LLMTUNE_TEST_SECRET_TOKEN"

@@ -22,6 +22,8 @@ from llmtune.config.pipeline import load_pipeline
 from llmtune.modeling.load import load_for_inference
 from llmtune.train import train
 
+pytestmark = pytest.mark.slow  # the seed recipes end to end: the full suite
+
 RAW = ROOT / "tests" / "fixtures" / "raw"
 SMALL = ["training.max_steps=2", "training.logging_steps=1", "training.save_steps=100",
          "training.gradient_accumulation_steps=1"]

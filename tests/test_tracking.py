@@ -15,6 +15,8 @@ from llmtune.errors import ConfigError
 from llmtune.runs.rundir import RunDir
 from llmtune.train import train
 
+pytestmark = pytest.mark.slow  # real runs writing tensorboard event files: the full suite
+
 TB = ["tensorboard"]
 
 
